@@ -10,10 +10,18 @@ import sys
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run DDPO training (default preset: quickstart)")
     p.add_argument("--config", default="quickstart", help="preset name in configs/ or a path to a YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<preset>-<timestamp>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue a run from its newest checkpoint"
+    )
 
 
 def _add_tiny_models(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("serve", help="run a reward server: ddpo serve {jpeg,aesthetic,llava,bertscore} --help")
     args = parser.parse_args(argv)
     if args.command == "train":
+        from services.config import ConfigError
         from services.train import main_from_args
 
-        main_from_args(args)
+        try:
+            main_from_args(args)
+        except ConfigError as err:
+            parser.exit(2, f"ddpo train: {err}\n")
     elif args.command == "tiny-models":
         from services.tiny_models import write_tiny_models
 

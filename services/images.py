@@ -17,7 +17,9 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] floats in [0, 1] -> list of RGB PIL images (rounded to uint8 like diffusers does)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
-    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    arr = (
+        (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    )
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 

@@ -15,7 +15,9 @@ from PIL import Image
 
 from services.images import jpeg_kb
 
-RewardFn = Callable[[Sequence[Image.Image], Sequence[str], Sequence[dict[str, Any]]], tuple[torch.Tensor, dict]]
+RewardFn = Callable[
+    [Sequence[Image.Image], Sequence[str], Sequence[dict[str, Any]]], tuple[torch.Tensor, dict]
+]
 
 
 def jpeg_compressibility(

@@ -1,0 +1,261 @@
+"""One validated config tree for a whole run: `TrainConfig`.
+
+Loaded from a YAML preset in `configs/` (or any YAML path) plus `--set a.b=c` overrides, validated at start-up.
+Unknown keys and bad values fail with a message that names the field (pydantic `extra="forbid"`).
+
+Effective-batch arithmetic (checked in `TrainConfig._check_batch_arithmetic`):
+    samples_per_epoch   = sampling.batch_size * sampling.num_batches_per_epoch
+    samples_per_update  = training.batch_size * training.gradient_accumulation_steps
+    updates_per_epoch   = samples_per_epoch / samples_per_update * training.num_inner_epochs
+    timesteps_trained   = round(sampling.num_steps * training.timestep_fraction) per sample
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    """Diffusers Stable Diffusion 1.x/2.x pipeline: a hub id or a local directory."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); ignored for local directories."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    """Dtype of the frozen base weights (LoRA weights always train in float32)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    use_lora: bool = True
+    """Train a LoRA on the UNet attention projections; false = full fine-tuning of the UNet."""
+    write_tiny_if_missing: bool = False
+    """If `pretrained` is a local path that does not exist, write the tiny random model there first (quickstart)."""
+
+
+class LoraConfig(_Section):
+    rank: int = Field(4, ge=1)
+    """LoRA rank r."""
+    alpha: float | None = None
+    """LoRA alpha (scale = alpha / rank); None means alpha = rank."""
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """UNet module names that get a LoRA (diffusers attention projections)."""
+
+
+class SamplingConfig(_Section):
+    num_steps: int = Field(50, ge=1)
+    """DDIM denoising steps T per trajectory."""
+    eta: float = Field(1.0, gt=0.0)
+    """DDIM eta: std = eta * sqrt(variance). Must be > 0 for the policy to be stochastic."""
+    guidance_scale: float = Field(5.0, ge=1.0)
+    """Classifier-free guidance weight w (1.0 disables CFG)."""
+    batch_size: int = Field(8, ge=1)
+    """Images per sampler forward batch."""
+    num_batches_per_epoch: int = Field(4, ge=1)
+    """Sampler batches per epoch, summed over all sampling actors."""
+    resolution: int | None = None
+    """Image side in pixels; None takes the UNet's sample_size x VAE scale factor."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch of CFG."""
+
+
+class TrainingConfig(_Section):
+    objective: Literal["ddpo_is", "ddpo_sf", "rwr"] = "ddpo_is"
+    """ddpo_is: PPO-clipped importance sampling; ddpo_sf: score function; rwr: reward-weighted regression."""
+    learning_rate: float = Field(3e-4, gt=0)
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping (global L2 norm over trainable parameters)."""
+    batch_size: int = Field(4, ge=1)
+    """Samples per learner micro-batch (one forward/backward)."""
+    gradient_accumulation_steps: int = Field(2, ge=1)
+    """Micro-batches per optimizer step (gradients are also accumulated over the trained timesteps)."""
+    num_inner_epochs: int = Field(1, ge=1)
+    """Passes over each epoch's samples (PPO epochs)."""
+    clip_range: float = Field(1e-4, gt=0)
+    """PPO clip epsilon on the importance ratio (DDPO-IS)."""
+    adv_clip_max: float = Field(5.0, gt=0)
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
+    timestep_fraction: float = Field(1.0, gt=0, le=1.0)
+    """Fraction of the T steps trained per sample (a random subset per sample)."""
+    cfg: bool = True
+    """Recompute log-probs with classifier-free guidance, as sampled (must match sampling for ratio == 1)."""
+    rwr_temperature: float = Field(1.0, gt=0)
+    """RWR: weights are softmax(reward / temperature) over the epoch's samples."""
+
+
+class StatTrackingConfig(_Section):
+    enabled: bool = True
+    """Normalise rewards per prompt (else over the whole epoch's batch)."""
+    buffer_size: int = Field(16, ge=1)
+    """Rewards remembered per prompt (ring buffer)."""
+    min_count: int = Field(16, ge=1)
+    """Below this many rewards for a prompt, use the batch's mean/std instead."""
+
+
+class PromptConfig(_Section):
+    set: Literal[
+        "imagenet_animals", "simple_animals", "nouns_activities", "counting", "from_file", "list"
+    ] = "imagenet_animals"
+    """Prompt set to sample from (uniformly, with the run's seed)."""
+    path: str | None = None
+    """For from_file: a text file with one prompt per line."""
+    items: list[str] = []
+    """For list: the prompts themselves."""
+    activities: list[str] | None = None
+    """For nouns_activities: activities (default: the built-in list)."""
+    nouns: list[str] | None = None
+    """For nouns_activities / counting: nouns (default: simple_animals)."""
+
+
+class RewardConfig(_Section):
+    name: Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "prompt_alignment"] = (
+        "jpeg_compressibility"
+    )
+    """Reward to optimise."""
+    mode: Literal["local", "http"] = "local"
+    """local: computed in the sampling process (jpeg only); http: through the reward servers."""
+
+
+class TrainConfig(_Section):
+    run_name: str = "ddpo"
+    """Name used for the default run directory."""
+    seed: int = 42
+    """Seed of sampling noise, prompt sampling and LoRA init."""
+    num_epochs: int = Field(100, ge=1)
+    """Learner epochs (one policy update round per epoch)."""
+    save_every: int = Field(1, ge=1)
+    """Checkpoint every N epochs (and after the last)."""
+    model: ModelConfig = ModelConfig()
+    """The diffusion pipeline."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapter on the UNet."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Trajectory sampling."""
+    training: TrainingConfig = TrainingConfig()
+    """Policy update."""
+    stat_tracking: StatTrackingConfig = StatTrackingConfig()
+    """Per-prompt reward normalisation into advantages."""
+    prompts: PromptConfig = PromptConfig()
+    """Where prompts come from."""
+    reward: RewardConfig = RewardConfig()
+    """What is optimised."""
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sampling.batch_size * self.sampling.num_batches_per_epoch
+
+    @property
+    def samples_per_update(self) -> int:
+        return self.training.batch_size * self.training.gradient_accumulation_steps
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.samples_per_epoch // self.samples_per_update * self.training.num_inner_epochs
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return max(1, round(self.sampling.num_steps * self.training.timestep_fraction))
+
+    @model_validator(mode="after")
+    def _check_batch_arithmetic(self) -> TrainConfig:
+        if self.samples_per_epoch % self.training.batch_size:
+            raise ValueError(
+                f"sampling.batch_size * sampling.num_batches_per_epoch = {self.samples_per_epoch} samples per epoch "
+                f"must be divisible by training.batch_size = {self.training.batch_size}"
+            )
+        if self.samples_per_epoch % self.samples_per_update:
+            raise ValueError(
+                f"samples per epoch ({self.samples_per_epoch}) must be divisible by training.batch_size * "
+                f"training.gradient_accumulation_steps = {self.samples_per_update}"
+            )
+        if self.reward.mode == "local" and not self.reward.name.startswith("jpeg"):
+            raise ValueError(f"reward.mode: 'local' supports only the jpeg rewards, not {self.reward.name!r}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the offending key."""
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists: 1e-4, true, [a, b], "text"."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` to a nested dict in place (validation happens afterwards)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def resolve_preset(preset_or_path: str) -> Path:
+    path = Path(preset_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    candidate = CONFIG_DIR / f"{preset_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset_or_path!r}; presets: {', '.join(known)}")
+    return candidate
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(preset_or_path: str = "quickstart", overrides: list[str] | None = None) -> TrainConfig:
+    """Preset name or YAML path + `key=value` overrides -> validated TrainConfig (ConfigError names the key)."""
+    path = resolve_preset(preset_or_path)
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return build_config(tree)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

@@ -1,0 +1,95 @@
+"""Loading the diffusion pipeline (hub id or local directory) with a DDIM scheduler and a LoRA on the UNet.
+
+The same code loads `runwayml/stable-diffusion-v1-5` on a cluster and the tiny model of `ddpo tiny-models` here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from services.config import LoraConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_pipeline(
+    model: ModelConfig, lora: LoraConfig | None = None, seed: int = 0
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with DDIM, frozen base weights, and (if model.use_lora) a trainable UNet LoRA.
+
+    Base weights are in `model.dtype` (float32 on CPU, where half precision is slow); LoRA weights in float32.
+    """
+    device = resolve_device(model.device)
+    dtype = _DTYPES[model.dtype] if device.type != "cpu" else torch.float32
+    local = Path(model.pretrained).exists()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model.pretrained,
+        revision=None if local else model.revision,
+        dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    pipe.to(device)
+    if model.use_lora:
+        add_lora(pipe.unet, lora or LoraConfig(), seed=seed)
+    else:
+        pipe.unet.to(torch.float32).requires_grad_(True)
+    return pipe
+
+
+def add_lora(unet: torch.nn.Module, lora: LoraConfig, seed: int = 0) -> None:
+    """Attach a peft LoRA to the UNet's attention projections; only its weights require grad (float32).
+
+    The B matrices start at zero, so the adapted UNet equals the base UNet until the first update.
+    """
+    config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+        init_lora_weights="gaussian",
+        target_modules=list(lora.target_modules),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def policy_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that define the policy beyond the frozen base: LoRA tensors (or the full UNet), on the CPU."""
+    state = get_peft_model_state_dict(unet) if getattr(unet, "peft_config", None) else unet.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def load_policy_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `policy_state_dict` (in place, between batches)."""
+    if getattr(unet, "peft_config", None):
+        result = set_peft_model_state_dict(unet, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"LoRA state has unexpected keys, e.g. {unexpected[:3]}")
+    else:
+        unet.load_state_dict(state)

@@ -1,0 +1,113 @@
+"""`ddpo tiny-models`: small random-weight models, written with fixed seeds, so every path runs offline on a CPU.
+
+DIR/sd        a Stable-Diffusion-shaped diffusers pipeline (UNet + VAE + CLIP text encoder + tokenizer), 64 px
+DIR/llava     a tiny LlavaForConditionalGeneration with its processor   (reward server `llava`)
+DIR/aesthetic a tiny CLIP + aesthetic MLP                                (reward server `aesthetic`)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+TINY_RESOLUTION = 64  # pixels; latents are 4 x 8 x 8
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer: printable ASCII, each with an end-of-word variant, no merges."""
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """An SD-1.x-shaped pipeline small enough to sample 50 steps in a fraction of a second on a CPU."""
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
+    )
+    # SD 1.x's scheduler settings (scaled-linear betas, leading spacing, offset 1).
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
+    out = Path(out_dir)
+    build_tiny_sd_pipeline(seed).save_pretrained(out, safe_serialization=True)
+    logger.info("wrote tiny Stable Diffusion pipeline to %s", out)
+    return out
+
+
+def write_tiny_models(out_dir: str | Path) -> Path:
+    """Write every tiny model under out_dir (sd/, llava/, aesthetic/)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiny_sd(out / "sd")
+    try:
+        from services.tiny_reward_models import write_tiny_aesthetic, write_tiny_llava
+    except ImportError:  # reward-model writers not available in this checkout
+        logger.warning("tiny reward models not written (services.tiny_reward_models missing)")
+    else:
+        write_tiny_llava(out / "llava")
+        write_tiny_aesthetic(out / "aesthetic")
+    return out

@@ -1,0 +1,79 @@
+"""Config loading: presets, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.config import CONFIG_DIR, ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.samples_per_epoch % cfg.samples_per_update == 0
+
+
+def test_paper_presets_keep_reference_values():
+    for preset in ("compressibility", "incompressibility", "aesthetic", "prompt_alignment"):
+        cfg = load_config(preset)
+        assert cfg.model.pretrained == "runwayml/stable-diffusion-v1-5"
+        assert (cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale) == (50, 1.0, 5.0)
+        assert (cfg.training.learning_rate, cfg.training.clip_range, cfg.training.adv_clip_max) == (
+            3e-4,
+            1e-4,
+            5,
+        )
+        assert cfg.samples_per_epoch == 256 and cfg.lora.rank == 4
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = load_config("quickstart", ["training.learning_rate=1e-3", "lora.target_modules=[to_q, to_v]",
+                                     "training.cfg=false", "prompts.items=[a cow]"])  # fmt: skip
+    assert cfg.training.learning_rate == 1e-3
+    assert cfg.lora.target_modules == ["to_q", "to_v"]
+    assert cfg.training.cfg is False and cfg.prompts.items == ["a cow"]
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"training\.learnin_rate: unknown key"):
+        load_config("quickstart", ["training.learnin_rate=1e-3"])
+    with pytest.raises(ConfigError, match=r"bogus: unknown key"):
+        load_config("quickstart", ["bogus=1"])
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ConfigError, match=r"training\.objective"):
+        load_config("quickstart", ["training.objective=ppo"])
+    with pytest.raises(ConfigError, match=r"sampling\.eta"):
+        load_config("quickstart", ["sampling.eta=0"])
+    with pytest.raises(ConfigError, match=r"sampling\.num_steps"):
+        load_config("quickstart", ["sampling.num_steps=many"])
+
+
+def test_batch_divisibility_is_checked():
+    with pytest.raises(ConfigError, match="divisible by training.batch_size"):
+        load_config("quickstart", ["training.batch_size=5"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        load_config("quickstart", ["training.gradient_accumulation_steps=3"])
+
+
+def test_bad_preset_and_bad_set_syntax():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("quickstart", ["training.learning_rate"])
+    with pytest.raises(ConfigError, match="training.learning_rate is not a section"):
+        load_config("quickstart", ["training.learning_rate.x=1"])
+
+
+def test_every_field_has_a_doc_line():
+    from services.config import TrainConfig
+
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no doc line"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    walk(TrainConfig)
