@@ -124,6 +124,17 @@ class PromptConfig(_Section):
     """For nouns_activities / counting: nouns (default: simple_animals)."""
 
 
+class RewardServerConfig(_Section):
+    urls: list[str] = []
+    """Base URLs of this server's replicas (requests are balanced across them)."""
+    spawn: bool = False
+    """Start one replica as a local subprocess on 127.0.0.1 (quickstarts and tests); its URL is added to `urls`."""
+    model: str | None = None
+    """--model of a spawned server (hub id or local path); None takes the server's default."""
+    args: list[str] = []
+    """Extra command-line flags of a spawned server, e.g. ["--max-batch-size", "16"]."""
+
+
 class RewardConfig(_Section):
     name: Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "prompt_alignment"] = (
         "jpeg_compressibility"
@@ -131,6 +142,47 @@ class RewardConfig(_Section):
     """Reward to optimise."""
     mode: Literal["local", "http"] = "local"
     """local: computed in the sampling process (jpeg only); http: through the reward servers."""
+    servers: dict[Literal["jpeg", "aesthetic", "llava", "bertscore"], RewardServerConfig] = {}
+    """Reward servers by kind (jpeg, aesthetic, llava, bertscore); prompt_alignment needs llava and bertscore."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Timeout of one HTTP reward request."""
+    max_retries: int = Field(5, ge=0)
+    """Retries of a failed request (429, 5xx, connection errors), with exponential backoff and jitter."""
+    auth_token_env: str = "DDPO_REWARD_AUTH_TOKEN"
+    """Environment variable holding the reward servers' bearer token (unset: no auth)."""
+
+
+class ClusterConfig(_Section):
+    ray_address: str | None = None
+    """Ray cluster to join ('auto', 'ray://host:10001', 'host:6379'); None joins RAY_ADDRESS if set, else starts a
+    local Ray bound to 127.0.0.1 for this run."""
+    redis_url: str | None = None
+    """Redis for the trajectory stream and weight channel (redis://host:6379/0); None starts an embedded Redis."""
+    num_sampler_actors: int = Field(1, ge=1)
+    """Sampling actors (each loads its own pipeline)."""
+    sampler_num_gpus: float = Field(0.0, ge=0)
+    """GPUs per sampling actor (0 on CPU)."""
+    learner_num_gpus: float = Field(0.0, ge=0)
+    """GPUs of the learner actor (0 on CPU)."""
+    sampler_num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved per sampling actor."""
+    learner_num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved for the learner actor."""
+    torch_threads: int | None = None
+    """torch.set_num_threads in every actor (None: leave torch's default)."""
+    max_policy_lag: int = Field(1, ge=0)
+    """Trajectories sampled more than this many versions before the learner's are dropped; 0 = synchronous (actors
+    wait for each new version: the paper's semantics)."""
+    max_inflight_batches: int = Field(2, ge=1)
+    """Per actor: sampled batches whose rewards may be in flight while the next batch samples."""
+    stream_max_backlog: int = Field(256, ge=1)
+    """Producers wait while more than this many trajectories are unread or unacknowledged (never trimmed)."""
+    latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of latents in the trajectory stream (bfloat16 halves the bytes; float32 keeps ratio == 1 exact)."""
+    reclaim_idle_ms: int = Field(60_000, ge=1)
+    """Entries delivered to a consumer but unacknowledged this long are reclaimed by the learner (XAUTOCLAIM)."""
+    actor_max_restarts: int = Field(-1, ge=-1)
+    """Ray restarts of a crashed actor (-1: unlimited)."""
 
 
 class TrainConfig(_Section):
@@ -156,6 +208,8 @@ class TrainConfig(_Section):
     """Where prompts come from."""
     reward: RewardConfig = RewardConfig()
     """What is optimised."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Processes of the distributed loop: Ray, Redis, actors."""
 
     @property
     def samples_per_epoch(self) -> int:
@@ -187,6 +241,16 @@ class TrainConfig(_Section):
             )
         if self.reward.mode == "local" and not self.reward.name.startswith("jpeg"):
             raise ValueError(f"reward.mode: 'local' supports only the jpeg rewards, not {self.reward.name!r}")
+        if self.reward.mode == "http":
+            needed = {"prompt_alignment": ["llava", "bertscore"], "aesthetic": ["aesthetic"]}.get(
+                self.reward.name, ["jpeg"]
+            )
+            for kind in needed:
+                server = self.reward.servers.get(kind)
+                if server is None or not (server.urls or server.spawn):
+                    raise ValueError(
+                        f"reward.servers.{kind}: reward {self.reward.name!r} over http needs urls or spawn: true"
+                    )
         return self
 
 
