@@ -152,6 +152,32 @@ class RewardConfig(_Section):
     """Environment variable holding the reward servers' bearer token (unset: no auth)."""
 
 
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0)
+    """Evaluate every N epochs (0: never). Also after the last epoch when > 0."""
+    prompts: list[str] = []
+    """Held-out prompts, not used for training (the paper's generalisation study: unseen animals/activities)."""
+    num_per_prompt: int = Field(2, ge=1)
+    """Images per held-out prompt, each with its own fixed seed."""
+    seed: int = 2024
+    """Base seed of the evaluation noise: the same images' seeds in every epoch."""
+    eta: float = Field(0.0, ge=0.0)
+    """DDIM eta of evaluation sampling; 0 = deterministic DDIM."""
+    watch_rewards: list[
+        Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "prompt_alignment"]
+    ] = []
+    """Extra rewards scored but not optimised, to show over-optimisation (e.g. aesthetic while optimising jpeg)."""
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    """Write TensorBoard events under RUN_DIR/tb."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project when the `wandb` package is installed."""
+    images_per_epoch: int = Field(16, ge=0)
+    """Samples shown in each epoch's image grid (images/epoch_NNNN.png); 0 turns grids off."""
+
+
 class ClusterConfig(_Section):
     ray_address: str | None = None
     """Ray cluster to join ('auto', 'ray://host:10001', 'host:6379'); None joins RAY_ADDRESS if set, else starts a
@@ -210,6 +236,10 @@ class TrainConfig(_Section):
     """What is optimised."""
     cluster: ClusterConfig = ClusterConfig()
     """Processes of the distributed loop: Ray, Redis, actors."""
+    evaluation: EvalConfig = EvalConfig()
+    """Held-out evaluation with fixed seeds."""
+    logging: LoggingConfig = LoggingConfig()
+    """Image grids, curves, TensorBoard, W&B."""
 
     @property
     def samples_per_epoch(self) -> int:
