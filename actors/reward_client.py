@@ -1,0 +1,462 @@
+"""Async HTTP client for the reward servers: replicas, balancing, retries with backoff, and the reward functions.
+
+Server APIs (``reward_servers/``), images as base64 strings:
+
+- jpeg:      ``POST /v1/score``  ``{"images"}`` -> ``{"scores", "jpeg_kb"}``
+- aesthetic: ``POST /v1/score``  ``{"images"}`` -> ``{"scores"}``
+- llava:     ``POST /v1/answer`` ``{"images", "questions": [[q], ...], "max_new_tokens"}`` -> ``{"answers": [[a], ...]}``
+- bertscore: ``POST /v1/score``  ``{"candidates", "references"}`` -> ``{"precision", "recall", "f1"}``
+
+Failure policy per request: connection errors, timeouts, 429 and 5xx put the replica on a short cooldown and are
+retried -- on another replica at once if one is untried and healthy, else after exponential backoff with jitter
+(or the server's ``Retry-After``). Other 4xx are the caller's fault and raise ``RewardRequestError`` at once.
+
+Every reward has one signature, ``(images, prompts, metadata) -> (scores, info)``, like ``services.rewards``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from PIL import Image
+
+from services.images import encode_image
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT_QUESTION = "Answer concisely: what is going on in this image?"
+ALIGNMENT_REFERENCE = "The image contains {prompt}"
+
+# reward name -> reward-server kinds it calls (lets a config check that replicas are configured)
+REWARD_SERVERS: dict[str, tuple[str, ...]] = {
+    "jpeg_compressibility": ("jpeg",),
+    "jpeg_incompressibility": ("jpeg",),
+    "aesthetic": ("aesthetic",),
+    "prompt_alignment": ("llava", "bertscore"),
+}
+
+Scores = tuple[list[float], dict[str, list[Any]]]
+T = TypeVar("T")
+
+
+class RewardRequestError(RuntimeError):
+    """A reward request that failed for good: a 4xx, a malformed reply, or retries exhausted."""
+
+    def __init__(
+        self, message: str, *, url: str, status: int | None = None, server_message: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status  # None for connection errors and timeouts
+        self.server_message = server_message
+
+
+@dataclass
+class _Replica:
+    url: str
+    in_flight: int = 0
+    cooldown_until: float = 0.0  # time.monotonic() before which the replica is avoided
+    calls: int = 0
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.cooldown_until
+
+
+def _server_message(resp: httpx.Response) -> str:
+    """The server's error text: FastAPI's ``detail`` when JSON, else the start of the body."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:500]
+    return str(body)[:500]
+
+
+def _retry_after_s(resp: httpx.Response) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), None if absent or unparsable."""
+    value = resp.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class RewardClient:
+    """Calls the reward servers over HTTP. Use inside one event loop; ``async with`` or ``await aclose()``."""
+
+    def __init__(
+        self,
+        replicas: dict[str, list[str]],
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_base_s: float = 0.25,
+        backoff_max_s: float = 8.0,
+        auth_token: str | None = None,
+        max_in_flight: int = 32,
+        cooldown_s: float = 5.0,
+        retry_after_max_s: float = 60.0,
+        max_batch: int = 32,
+        llava_max_new_tokens: int = 32,
+        jpeg_image_format: str = "PNG",
+    ) -> None:
+        """
+        Args:
+            replicas: reward-server kind (``jpeg``, ``aesthetic``, ``llava``, ``bertscore``) -> base URLs.
+            timeout_s: per-HTTP-call timeout (connect, read, write, pool), seconds.
+            max_retries: retries after the first attempt (so at most ``max_retries + 1`` calls per request).
+            backoff_base_s, backoff_max_s: backoff before retry k is ``min(max, base * 2**k)``, jittered in [1/2, 1].
+            auth_token: sent as ``Authorization: Bearer <token>`` when set.
+            max_in_flight: requests (including their retries and backoff) outstanding at once.
+            cooldown_s: how long a failed replica is avoided while others are healthy.
+            retry_after_max_s: cap on a server's ``Retry-After``.
+            max_batch: images (or text pairs) per HTTP request; larger calls are split and sent concurrently.
+            llava_max_new_tokens: answer length for prompt alignment.
+            jpeg_image_format: wire format for the jpeg server. PNG (lossless) makes the HTTP reward equal the local
+                one; a JPEG upload would be measured after a second JPEG compression.
+        """
+        if not replicas or any(not urls for urls in replicas.values()):
+            raise ValueError(f"every reward-server kind needs at least one URL, got {replicas}")
+        if max_retries < 0 or max_in_flight < 1 or max_batch < 1:
+            raise ValueError("max_retries must be >= 0, max_in_flight and max_batch >= 1")
+        self._replicas = {kind: [_Replica(u.rstrip("/")) for u in urls] for kind, urls in replicas.items()}
+        self._rr = {kind: itertools.count() for kind in replicas}  # round-robin tie-break between equals
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.cooldown_s = cooldown_s
+        self.retry_after_max_s = retry_after_max_s
+        self.max_batch = max_batch
+        self.llava_max_new_tokens = llava_max_new_tokens
+        self.jpeg_image_format = jpeg_image_format
+        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self._max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._http: httpx.AsyncClient | None = None
+        self._rewards: dict[str, Callable[..., Awaitable[Scores]]] = {
+            "jpeg_compressibility": self.jpeg_compressibility,
+            "jpeg_incompressibility": self.jpeg_incompressibility,
+            "aesthetic": self.aesthetic,
+            "prompt_alignment": self.prompt_alignment,
+        }
+
+    async def __aenter__(self) -> RewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def calls(self, kind: str) -> dict[str, int]:
+        """HTTP calls made so far per replica URL of ``kind`` (for metrics and tests)."""
+        return {r.url: r.calls for r in self._replicas[kind]}
+
+    # ---- transport: balancing, retries, backoff ------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:  # created lazily, inside the event loop that uses it
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout_s),
+                limits=httpx.Limits(
+                    max_connections=self._max_in_flight, max_keepalive_connections=self._max_in_flight
+                ),
+                headers=self._headers,
+            )
+        return self._http
+
+    def _choose(self, kind: str, tried: set[str]) -> _Replica:
+        """Least in-flight replica, preferring untried and healthy ones; round-robin among equals."""
+        replicas, now = self._replicas[kind], time.monotonic()
+        pool = [r for r in replicas if r.url not in tried and r.healthy(now)] or [
+            r for r in replicas if r.healthy(now)
+        ]
+        if not pool:  # everyone is cooling down: take the one that recovers first
+            return min(replicas, key=lambda r: r.cooldown_until)
+        start = next(self._rr[kind]) % len(pool)
+        rotated = pool[start:] + pool[:start]
+        return min(rotated, key=lambda r: r.in_flight)
+
+    def _backoff_s(self, attempt: int) -> float:
+        cap = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
+        return cap * (0.5 + 0.5 * random.random())
+
+    async def _post(self, kind: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to one replica of ``kind``, retrying per the failure policy; returns the JSON object."""
+        if kind not in self._replicas:
+            raise ValueError(
+                f"no replicas configured for reward server {kind!r}; have {sorted(self._replicas)}"
+            )
+        tried: set[str] = set()
+        last = ""
+        async with self._slots:
+            for attempt in range(self.max_retries + 1):
+                replica = self._choose(kind, tried)
+                tried.add(replica.url)
+                url = replica.url + path
+                replica.in_flight += 1
+                replica.calls += 1
+                retry_after: float | None = None
+                try:
+                    resp = await self._client().post(url, json=body)
+                except httpx.TransportError as e:  # connection refused/reset, timeouts, protocol errors
+                    last = f"{url}: {type(e).__name__}: {e}"
+                    status: int | None = None
+                else:
+                    status = resp.status_code
+                    if status < 400:
+                        replica.cooldown_until = 0.0
+                        return self._json(resp, url)
+                    message = _server_message(resp)
+                    if status != 429 and status < 500:
+                        raise RewardRequestError(
+                            f"{url} answered {status}: {message}",
+                            url=url,
+                            status=status,
+                            server_message=message,
+                        )
+                    last = f"{url} answered {status}: {message}"
+                    retry_after = _retry_after_s(resp)
+                finally:
+                    replica.in_flight -= 1
+                if retry_after is not None:
+                    retry_after = min(retry_after, self.retry_after_max_s)
+                replica.cooldown_until = time.monotonic() + max(self.cooldown_s, retry_after or 0.0)
+                if attempt == self.max_retries:
+                    break
+                now = time.monotonic()
+                failover = any(r.url not in tried and r.healthy(now) for r in self._replicas[kind])
+                delay = (
+                    0.0
+                    if failover
+                    else (retry_after if retry_after is not None else self._backoff_s(attempt))
+                )
+                logger.warning(
+                    "reward call failed (%s); retry %d/%d in %.2fs",
+                    last,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise RewardRequestError(
+            f"{kind} request failed after {self.max_retries + 1} attempts; last: {last}",
+            url=url,
+            status=status,
+            server_message=last,
+        )
+
+    @staticmethod
+    def _json(resp: httpx.Response, url: str) -> dict[str, Any]:
+        try:
+            body = resp.json()
+        except ValueError as e:
+            raise RewardRequestError(
+                f"{url} returned non-JSON: {resp.text[:200]!r}", url=url, status=200
+            ) from e
+        if not isinstance(body, dict):
+            raise RewardRequestError(
+                f"{url} returned {type(body).__name__}, expected an object", url=url, status=200
+            )
+        return body
+
+    async def _post_batched(
+        self, kind: str, path: str, n: int, make_body: Callable[[slice], dict[str, Any]], keys: Sequence[str]
+    ) -> dict[str, list[Any]]:
+        """Split n items into ``max_batch`` chunks, post them concurrently, concatenate ``keys`` of the replies."""
+        chunks = _chunks(n, self.max_batch)
+        replies = await asyncio.gather(*(self._post(kind, path, make_body(c)) for c in chunks))
+        out: dict[str, list[Any]] = {k: [] for k in keys}
+        for c, reply in zip(chunks, replies, strict=True):
+            for k in keys:
+                values = reply.get(k)
+                if not isinstance(values, list) or len(values) != c.stop - c.start:
+                    raise RewardRequestError(
+                        f"{kind} reply field {k!r} should be a list of {c.stop - c.start}, got {values!r:.200}",
+                        url=kind,
+                        status=200,
+                    )
+                out[k] += values
+        return out
+
+    # ---- server APIs ---------------------------------------------------------------------------------------
+    async def jpeg(self, images_b64: list[str]) -> dict[str, list[float]]:
+        """jpeg server: ``{"scores": [...], "jpeg_kb": [...]}``, one per image."""
+        return await self._post_batched(
+            "jpeg", "/v1/score", len(images_b64), lambda c: {"images": images_b64[c]}, ("scores", "jpeg_kb")
+        )
+
+    async def aesthetic_scores(self, images_b64: list[str]) -> list[float]:
+        """aesthetic server: one score per image."""
+        out = await self._post_batched(
+            "aesthetic", "/v1/score", len(images_b64), lambda c: {"images": images_b64[c]}, ("scores",)
+        )
+        return [float(s) for s in out["scores"]]
+
+    async def answer(
+        self, images_b64: list[str], questions: list[list[str]], max_new_tokens: int
+    ) -> list[list[str]]:
+        """llava server: for each image, one answer per question."""
+        if len(questions) != len(images_b64):
+            raise ValueError(f"{len(questions)} question lists for {len(images_b64)} images")
+
+        def body(c: slice) -> dict[str, Any]:
+            return {"images": images_b64[c], "questions": questions[c], "max_new_tokens": max_new_tokens}
+
+        out = await self._post_batched("llava", "/v1/answer", len(images_b64), body, ("answers",))
+        return out["answers"]
+
+    async def bertscore(self, candidates: list[str], references: list[str]) -> dict[str, list[float]]:
+        """bertscore server: ``{"precision", "recall", "f1"}`` per (candidate, reference) pair."""
+        if len(candidates) != len(references):
+            raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
+
+        def body(c: slice) -> dict[str, Any]:
+            return {"candidates": candidates[c], "references": references[c]}
+
+        return await self._post_batched(
+            "bertscore", "/v1/score", len(candidates), body, ("precision", "recall", "f1")
+        )
+
+    # ---- rewards: (images, prompts, metadata) -> (scores, info) ------------------------------------------------
+    async def score(
+        self,
+        name: str,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]],
+    ) -> Scores:
+        """Reward ``name`` (a key of ``REWARD_SERVERS``) of each image: (scores [B], info of per-sample lists)."""
+        if name not in self._rewards:
+            raise ValueError(f"unknown HTTP reward {name!r}; choose from {sorted(self._rewards)}")
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        return await self._rewards[name](images, prompts, metadata)
+
+    @staticmethod
+    async def _encode(images: Sequence[Image.Image], fmt: str) -> list[str]:
+        # Image encoding is CPU-bound: keep it off the event loop so other requests keep flowing.
+        return await asyncio.to_thread(lambda: [encode_image(im, fmt=fmt, quality=95) for im in images])
+
+    async def _jpeg_kb(self, images: Sequence[Image.Image]) -> list[float]:
+        out = await self.jpeg(await self._encode(images, self.jpeg_image_format))
+        return [float(kb) for kb in out["jpeg_kb"]]
+
+    async def jpeg_compressibility(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> Scores:
+        """Minus the kB of a quality-95 JPEG (smaller files score higher)."""
+        kb = await self._jpeg_kb(images)
+        return [-k for k in kb], {"jpeg_kb": kb}
+
+    async def jpeg_incompressibility(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> Scores:
+        """The kB of a quality-95 JPEG (larger files score higher)."""
+        kb = await self._jpeg_kb(images)
+        return list(kb), {"jpeg_kb": kb}
+
+    async def aesthetic(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> Scores:
+        """LAION aesthetic predictor score."""
+        scores = await self.aesthetic_scores(await self._encode(images, "JPEG"))
+        return scores, {"aesthetic": list(scores)}
+
+    async def prompt_alignment(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> Scores:
+        """BERTScore recall of LLaVA's description against "The image contains {prompt}" (the paper's reward)."""
+        images_b64 = await self._encode(images, "JPEG")
+        answers = await self.answer(
+            images_b64, [[ALIGNMENT_QUESTION] for _ in images_b64], self.llava_max_new_tokens
+        )
+        candidates = [str(a[0]) if a else "" for a in answers]
+        references = [ALIGNMENT_REFERENCE.format(prompt=p) for p in prompts]
+        bs = await self.bertscore(candidates, references)
+        recall = [float(x) for x in bs["recall"]]
+        return recall, {
+            "answers": candidates,
+            "bertscore_precision": bs["precision"],
+            "bertscore_f1": bs["f1"],
+        }
+
+
+class SyncRewardClient:
+    """A ``RewardClient`` on a private event-loop thread, for non-async code such as a sampling actor.
+
+    ``submit`` returns a ``concurrent.futures.Future`` at once, so the caller keeps sampling while the reward
+    requests are in flight; ``score`` is the blocking form.
+    """
+
+    def __init__(self, replicas: dict[str, list[str]], **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="reward-client", daemon=True)
+        self._thread.start()
+        self.client = RewardClient(replicas, **kwargs)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def submit(
+        self,
+        name: str,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]],
+    ) -> concurrent.futures.Future[Scores]:
+        """Start scoring; the future resolves to (scores, info) or raises ``RewardRequestError``."""
+        return self._run(self.client.score(name, list(images), list(prompts), list(metadata)))
+
+    def score(
+        self,
+        name: str,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]],
+        timeout_s: float | None = None,
+    ) -> Scores:
+        """Blocking ``RewardClient.score``."""
+        return self.submit(name, images, prompts, metadata).result(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Close HTTP connections and stop the loop thread (idempotent)."""
+        if not self._loop.is_running():
+            return
+        try:
+            self._run(self.client.aclose()).result(timeout=timeout_s)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=timeout_s)
+            self._loop.close()
+
+    def __enter__(self) -> SyncRewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,424 @@
+"""Redis data plane: the trajectory stream (actors -> learner) and the weight channel (learner -> actors).
+
+Keys for a run ``R`` (all binary-safe; the client must be created with ``decode_responses=False``):
+
+- ``ddpo:R:trajectories`` -- stream of encoded ``ScoredTrajectory`` payloads, read by the consumer group ``learner``;
+  entries are XDEL'ed when acknowledged, so XLEN is exactly the backlog (undelivered + delivered-but-unacked).
+- ``ddpo:R:trajectories:dead`` -- dead-letter stream for entries that failed to decode (capped, for inspection).
+- ``ddpo:R:weights`` -- hash {version, sha256, blob} of the newest LoRA, written in one MULTI transaction;
+- ``ddpo:R:weights:version`` -- the newest version as a plain string (cheap GET for pollers and late joiners);
+- ``ddpo:R:weights:notify`` -- pub/sub channel announcing each new version after it is readable.
+
+Delivery is at-least-once: a consumer first re-reads its own pending entries (after a crash), then claims entries
+that other (dead) consumers left idle for ``min_idle_ms``, then reads new ones. The learner de-duplicates with
+``Deduplicator``. Producers refuse to add beyond ``max_backlog``; unread data is never trimmed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import torch
+
+from services.codec import decode_tensors, decode_trajectory, encode_tensors, encode_trajectory
+from services.trajectory import ScoredTrajectory
+
+logger = logging.getLogger(__name__)
+
+PAYLOAD_FIELD = b"payload"
+TRAJECTORY_ID_FIELD = b"trajectory_id"
+
+_PIPELINE_BYTES = 1 << 20
+T = TypeVar("T")
+
+Entry = tuple[str, ScoredTrajectory]
+_RawEntry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+class Backpressure(RuntimeError):
+    """The trajectory backlog is at ``max_backlog``: the learner is behind, the producer must wait."""
+
+    def __init__(self, message: str, added_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.added_ids = list(added_ids)  # entries of the same call that were added before the bound was hit
+
+
+class WeightIntegrityError(RuntimeError):
+    """A fetched weight blob does not match its recorded sha256 (or its recorded version)."""
+
+
+def _as_str(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def _check_binary_client(client: redis.Redis) -> None:
+    kwargs = client.get_connection_kwargs() if hasattr(client, "get_connection_kwargs") else {}
+    if kwargs.get("decode_responses"):
+        raise ValueError("the Redis client must use decode_responses=False: payloads are binary")
+
+
+def _stream_entries(resp: Any) -> list[_RawEntry]:
+    """XREADGROUP reply (RESP2 list or RESP3 dict) for one stream -> [(id, fields | None)]."""
+    if not resp:
+        return []
+    if isinstance(resp, dict):  # RESP3: {key: [[id, fields], ...]}
+        streams = list(resp.values())
+        return [(e[0], e[1]) for e in streams[0]] if streams else []
+    return [(e[0], e[1]) for e in resp[0][1]]
+
+
+class TrajectoryStream:
+    """One Redis stream of scored trajectories per run, consumed by one consumer group.
+
+    Producer: ``add``. Consumer: ``read`` then ``ack`` once the update that used the entries is applied.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        run_id: str,
+        group: str = "learner",
+        max_backlog: int = 1024,
+        min_idle_ms: int = 60_000,
+        latent_dtype: torch.dtype = torch.bfloat16,
+        dead_letter_maxlen: int = 1000,
+    ) -> None:
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1, got {max_backlog}")
+        _check_binary_client(redis_client)
+        self._r = redis_client
+        self.run_id = run_id
+        self.key = f"ddpo:{run_id}:trajectories"
+        self.dead_letter_key = f"{self.key}:dead"
+        self.group = group
+        self.max_backlog = max_backlog
+        self.min_idle_ms = min_idle_ms
+        self.latent_dtype = latent_dtype
+        self.dead_letter_maxlen = dead_letter_maxlen
+        # consumer -> id of the last own-pending entry re-read after a restart (dropped once drained)
+        self._own_cursor: dict[str, bytes] = {}
+        self._own_drained: set[str] = set()
+        self.ensure_group()
+
+    # ---- group and counters -------------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        """Create the stream and consumer group if missing (idempotent; id 0 so earlier entries are delivered)."""
+        try:
+            self._r.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def backlog(self) -> int:
+        """Entries not yet acknowledged (undelivered + pending): acknowledged entries are deleted."""
+        return int(self._r.xlen(self.key))
+
+    def pending_count(self) -> int:
+        """Entries delivered to some consumer and not yet acknowledged."""
+        return int(self._r.xpending(self.key, self.group)["pending"])
+
+    # ---- producer -------------------------------------------------------------------------------------------
+    def add(self, traj: ScoredTrajectory, block_s: float | None = None) -> str:
+        """Append one trajectory; returns its entry id. Backpressure as in ``add_many``."""
+        return self.add_many([traj], block_s)[0]
+
+    def add_many(self, trajs: Sequence[ScoredTrajectory], block_s: float | None = None) -> list[str]:
+        """Append trajectories in order (pipelined); returns their entry ids.
+
+        Adds only while the backlog is below ``max_backlog``. When it is full: with ``block_s=None`` raise
+        ``Backpressure`` at once, otherwise wait up to ``block_s`` seconds (polling) for the learner to ack, then
+        raise; ``Backpressure.added_ids`` holds what was added before. Check and add are separate commands, so
+        P concurrent producers can overshoot the bound by at most (P - 1) x their batch size. Nothing is trimmed.
+        """
+        ids: list[str] = []
+        deadline = time.monotonic() + (block_s or 0.0)
+        pause = 0.005
+        while len(ids) < len(trajs):
+            backlog = self.backlog()
+            room = self.max_backlog - backlog
+            if room > 0:
+                ids += self._xadd_pipelined(trajs[len(ids) : len(ids) + room])
+                continue
+            remaining = deadline - time.monotonic()
+            if block_s is None or remaining <= 0:
+                waited = f" after waiting {block_s:.1f}s" if block_s else ""
+                raise Backpressure(
+                    f"trajectory backlog {backlog} >= max_backlog {self.max_backlog} on {self.key}{waited}",
+                    ids,
+                )
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.1)
+        return ids
+
+    def _xadd_pipelined(self, trajs: Sequence[ScoredTrajectory]) -> list[str]:
+        """XADD each trajectory, one round trip per ~1 MiB: small payloads share a round trip, and large ones
+        are freed right after sending (a batch of live SD 1.5 payloads costs fresh, page-faulting memory)."""
+        ids: list[str] = []
+        pipe = self._r.pipeline(transaction=False)
+        queued = 0
+        for i, t in enumerate(trajs):
+            payload = encode_trajectory(t, self.latent_dtype)
+            pipe.xadd(self.key, {PAYLOAD_FIELD: payload, TRAJECTORY_ID_FIELD: t.trajectory_id.encode()})
+            queued += len(payload)
+            if queued >= _PIPELINE_BYTES or i == len(trajs) - 1:
+                ids += [_as_str(entry_id) for entry_id in pipe.execute()]
+                queued = 0
+        return ids
+
+    # ---- consumer -------------------------------------------------------------------------------------------
+    def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Entry]:
+        """Up to ``count`` trajectories for ``consumer``: its own pending ones first (once, after a restart),
+        then entries reclaimed from consumers idle longer than ``min_idle_ms``, then new entries (waiting up to
+        ``block_ms`` only when nothing else is available). Undecodable entries go to the dead-letter stream.
+        """
+        raw: list[_RawEntry] = []
+        if consumer not in self._own_drained:
+            raw += self._read_own_pending(consumer, count)
+        if len(raw) < count:
+            raw += self._reclaim(consumer, count - len(raw))
+        if len(raw) < count:
+            raw += self._xreadgroup(consumer, b">", count - len(raw), None if raw else block_ms)
+        return self._decode(raw)
+
+    def ack(self, entry_ids: Iterable[str | bytes]) -> int:
+        """Acknowledge and delete entries (the update that used them is applied); returns how many were acked."""
+        ids = list(entry_ids)
+        if not ids:
+            return 0
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xack(self.key, self.group, *ids)
+        pipe.xdel(self.key, *ids)
+        acked, _ = pipe.execute()
+        return int(acked)
+
+    def _with_group(self, command: Callable[[], T]) -> T:
+        """Run a group command; if the stream vanished (e.g. Redis restarted without persistence), recreate the
+        group once and retry."""
+        try:
+            return command()
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e) and "no such key" not in str(e):
+                raise
+            logger.warning("consumer group %s on %s vanished; recreating it", self.group, self.key)
+            self.ensure_group()
+            return command()
+
+    def _xreadgroup(self, consumer: str, start: bytes, count: int, block_ms: int | None) -> list[_RawEntry]:
+        resp = self._with_group(
+            lambda: self._r.xreadgroup(self.group, consumer, {self.key: start}, count=count, block=block_ms)
+        )
+        return _stream_entries(resp)
+
+    def _read_own_pending(self, consumer: str, count: int) -> list[_RawEntry]:
+        """Entries delivered to ``consumer`` before and never acked, in id order, each returned once."""
+        raw = self._xreadgroup(consumer, self._own_cursor.get(consumer, b"0"), count, None)
+        if raw:
+            self._own_cursor[consumer] = raw[-1][0]
+        else:
+            self._own_drained.add(consumer)
+            self._own_cursor.pop(consumer, None)
+        return raw
+
+    def _reclaim(self, consumer: str, count: int) -> list[_RawEntry]:
+        """Claim entries that other consumers left idle >= ``min_idle_ms`` (XPENDING IDLE + XCLAIM).
+
+        Unlike XAUTOCLAIM this skips our own pending entries: the learner legitimately holds them unacked for a
+        whole epoch, and re-claiming them would re-deliver (and re-decode) them on every read.
+        """
+        out: list[_RawEntry] = []
+        for info in self._with_group(lambda: self._r.xinfo_consumers(self.key, self.group)):
+            name = _as_str(info["name"])
+            if name == consumer or int(info["pending"]) == 0:
+                continue
+            idle = self._r.xpending_range(
+                self.key, self.group, "-", "+", count - len(out), consumername=name, idle=self.min_idle_ms
+            )
+            if not idle:
+                continue
+            ids = [p["message_id"] for p in idle]
+            claimed = self._r.xclaim(self.key, self.group, consumer, self.min_idle_ms, ids)
+            if claimed:
+                logger.warning(
+                    "reclaimed %d idle entries from consumer %s for %s", len(claimed), name, consumer
+                )
+            out += [(e[0], e[1]) for e in claimed]
+            if len(out) >= count:
+                break
+        return out
+
+    def _decode(self, raw: Sequence[_RawEntry]) -> list[Entry]:
+        out: list[Entry] = []
+        for entry_id, fields in raw:
+            if not fields:  # deleted while pending (already acked elsewhere): drop it from the PEL
+                self.ack([entry_id])
+                continue
+            try:
+                out.append((_as_str(entry_id), decode_trajectory(fields[PAYLOAD_FIELD], copy=False)))
+            except Exception as e:  # a bad entry must not crash the learner
+                self._dead_letter(entry_id, fields, e)
+        return out
+
+    def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], error: Exception) -> None:
+        logger.warning(
+            "moving undecodable entry %s of %s to %s: %s", entry_id, self.key, self.dead_letter_key, error
+        )
+        dead = {
+            PAYLOAD_FIELD: fields.get(PAYLOAD_FIELD, b""),
+            b"source_id": entry_id,
+            b"error": f"{type(error).__name__}: {error}"[:1000].encode(),
+        }
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xadd(self.dead_letter_key, dead, maxlen=self.dead_letter_maxlen, approximate=True)
+        pipe.xack(self.key, self.group, entry_id)
+        pipe.xdel(self.key, entry_id)
+        pipe.execute()
+
+
+class Deduplicator:
+    """Bounded memory of seen ``trajectory_id``s (oldest forgotten first); its state saves/loads as a list."""
+
+    def __init__(self, capacity: int = 100_000, ids: Iterable[str] = ()) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        for i in ids:
+            self.seen(i)
+
+    def seen(self, trajectory_id: str) -> bool:
+        """True if the id was seen before; otherwise remember it and return False."""
+        if trajectory_id in self._ids:
+            return True
+        self._ids[trajectory_id] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def to_list(self) -> list[str]:
+        """Remembered ids, oldest first (JSON-serialisable checkpoint state)."""
+        return list(self._ids)
+
+    @classmethod
+    def from_list(cls, ids: Iterable[str], capacity: int = 100_000) -> Deduplicator:
+        return cls(capacity=capacity, ids=ids)
+
+
+class WeightChannel:
+    """Versioned LoRA weights in Redis: the blob with version and sha256, then a notification."""
+
+    def __init__(self, redis_client: redis.Redis, run_id: str) -> None:
+        _check_binary_client(redis_client)
+        self._r = redis_client
+        self.run_id = run_id
+        self.key = f"ddpo:{run_id}:weights"
+        self.version_key = f"{self.key}:version"
+        self.notify_channel = f"{self.key}:notify"
+
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Store ``state_dict`` as ``version`` (>= the current one) atomically, then announce it."""
+        blob = encode_tensors(state_dict, {"version": int(version)})
+        sha = hashlib.sha256(blob).hexdigest()
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            current = pipe.get(self.version_key)
+            if current is not None and version < int(current):
+                raise ValueError(f"cannot publish weights version {version}: version {int(current)} is newer")
+            pipe.multi()
+            pipe.hset(self.key, mapping={"version": str(version), "sha256": sha, "blob": blob})
+            pipe.set(self.version_key, str(version))
+
+        self._r.transaction(write, self.version_key)
+        self._r.publish(self.notify_channel, str(version))
+        logger.debug("published weights v%d (%d bytes) on %s", version, len(blob), self.key)
+
+    def latest_version(self) -> int:
+        """Newest published version, -1 if none."""
+        v = self._r.get(self.version_key)
+        return -1 if v is None else int(v)
+
+    def fetch(self, min_version: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(version, state dict) of the newest weights, or None if none (or none >= ``min_version``).
+
+        Raises ``WeightIntegrityError`` if the blob does not match its sha256 or version.
+        """
+        if min_version is not None and self.latest_version() < min_version:
+            return None  # cheap check before pulling megabytes
+        version, sha, blob = self._r.hmget(self.key, ["version", "sha256", "blob"])
+        if blob is None or version is None or sha is None:
+            return None
+        v = int(version)
+        if min_version is not None and v < min_version:
+            return None
+        if hashlib.sha256(blob).hexdigest() != _as_str(sha):
+            raise WeightIntegrityError(
+                f"weights v{v} on {self.key}: sha256 mismatch (corrupt or partial blob)"
+            )
+        tensors, meta = decode_tensors(blob, copy=False)  # the blob is ours: no second copy
+        if meta.get("version") != v:
+            raise WeightIntegrityError(
+                f"weights on {self.key}: hash says v{v}, blob says v{meta.get('version')}"
+            )
+        return v, tensors
+
+    def wait_for_version(self, version: int, timeout_s: float, poll_s: float = 0.5) -> bool:
+        """Block until ``latest_version() >= version`` (True) or ``timeout_s`` passes (False).
+
+        Woken by the notification; re-checks the version key at least every ``poll_s`` in case one is missed.
+        """
+        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.notify_channel)  # subscribe before the first check: no lost wake-ups
+            return self._wait(pubsub, version, timeout_s, poll_s)
+        finally:
+            pubsub.close()
+
+    def _wait(self, pubsub: redis.client.PubSub, version: int, timeout_s: float, poll_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.latest_version() >= version:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            pubsub.get_message(timeout=min(poll_s, remaining))
+
+
+class WeightSubscriber:
+    """An actor's view of the weight channel: hands out each newer version once, for applying between batches."""
+
+    def __init__(self, channel: WeightChannel, version: int = -1) -> None:
+        self.channel = channel
+        self.version = version  # newest version handed out (= applied by the caller)
+        self._pubsub: redis.client.PubSub | None = None
+
+    def poll(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(version, state dict) if a version newer than ``self.version`` exists, else None (one GET)."""
+        if self.channel.latest_version() <= self.version:
+            return None
+        got = self.channel.fetch(min_version=self.version + 1)
+        if got is not None:
+            self.version = got[0]
+        return got
+
+    def wait(self, timeout_s: float, poll_s: float = 0.5) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """Like ``poll`` but block up to ``timeout_s`` for a newer version (kept subscription, low latency)."""
+        if self._pubsub is None:
+            self._pubsub = self.channel._r.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.channel.notify_channel)
+        if not self.channel._wait(self._pubsub, self.version + 1, timeout_s, poll_s):
+            return None
+        return self.poll()
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()
+            self._pubsub = None
