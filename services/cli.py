@@ -1,4 +1,4 @@
-"""The `ddpo` command line: train, serve, tiny-models."""
+"""The `ddpo` command line: train, serve, tiny-models, sample, eval, report."""
 
 from __future__ import annotations
 
@@ -29,6 +29,47 @@ def _add_tiny_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (gets sd/, llava/, aesthetic/)")
 
 
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="render images with our sampler (image i uses seed S + i)")
+    p.add_argument("--model", required=True, help="base pipeline: hub id or local directory")
+    p.add_argument("--lora", default=None, help="diffusers-format LoRA: a directory or .safetensors file")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="prompt of the unconditional CFG branch")
+    p.add_argument("--n", type=int, default=4, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="(re)compute the held-out evaluation of a run's checkpoints")
+    p.add_argument("run_dir", help="run directory (with config.yaml and checkpoints/)")
+    p.add_argument(
+        "--checkpoint",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="checkpoints to evaluate: epoch_NNNN or epoch numbers (default: all)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's config, e.g. --set evaluation.prompts='[a fox]' (repeatable)",
+    )
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, evaluation grids, samples, config")
+    p.add_argument("run_dir", help="run directory")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_tiny_models(sub)
+    _add_sample(sub)
+    _add_eval(sub)
+    _add_report(sub)
     sub.add_parser("serve", help="run a reward server: ddpo serve {jpeg,aesthetic,llava,bertscore} --help")
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -56,6 +100,24 @@ def main(argv: list[str] | None = None) -> None:
         from services.tiny_models import write_tiny_models
 
         write_tiny_models(args.out)
+    elif args.command == "sample":
+        from services.sample_cli import run_sample
+
+        for path in run_sample(args):
+            print(path)
+    elif args.command == "eval":
+        from services.config import ConfigError
+        from services.evaluation import run_eval
+
+        try:
+            for path in run_eval(args):
+                print(path)
+        except (ConfigError, FileNotFoundError) as err:
+            parser.exit(2, f"ddpo eval: {err}\n")
+    elif args.command == "report":
+        from services.report import write_report
+
+        print(write_report(args.run_dir))
 
 
 if __name__ == "__main__":

@@ -179,6 +179,8 @@ class LoggingConfig(_Section):
 
 
 class ClusterConfig(_Section):
+    in_process: bool = False
+    """Run sampler and learner in this one process, without Ray, Redis or HTTP (debugging; jpeg rewards only)."""
     ray_address: str | None = None
     """Ray cluster to join ('auto', 'ray://host:10001', 'host:6379'); None joins RAY_ADDRESS if set, else starts a
     local Ray bound to 127.0.0.1 for this run."""
@@ -207,6 +209,9 @@ class ClusterConfig(_Section):
     """Dtype of latents in the trajectory stream (bfloat16 halves the bytes; float32 keeps ratio == 1 exact)."""
     reclaim_idle_ms: int = Field(60_000, ge=1)
     """Entries delivered to a consumer but unacknowledged this long are reclaimed by the learner (XAUTOCLAIM)."""
+    lag0_starvation_s: float = Field(60.0, gt=0)
+    """max_policy_lag 0: if no trajectory arrives for this long, the learner re-opens the version's sampling quota
+    (a crashed actor's claimed batch will never come)."""
     actor_max_restarts: int = Field(-1, ge=-1)
     """Ray restarts of a crashed actor (-1: unlimited)."""
 

@@ -3,7 +3,8 @@
 Keys for a run ``R`` (all binary-safe; the client must be created with ``decode_responses=False``):
 
 - ``ddpo:R:trajectories`` -- stream of encoded ``ScoredTrajectory`` payloads, read by the consumer group ``learner``;
-  entries are XDEL'ed when acknowledged, so XLEN is exactly the backlog (undelivered + delivered-but-unacked).
+  entries are XDEL'ed when acknowledged, so XLEN = undelivered + delivered-but-unacked; the backlog that
+  producers respect is the undelivered part.
 - ``ddpo:R:trajectories:dead`` -- dead-letter stream for entries that failed to decode (capped, for inspection).
 - ``ddpo:R:weights`` -- hash {version, sha256, blob} of the newest LoRA, written in one MULTI transaction;
 - ``ddpo:R:weights:version`` -- the newest version as a plain string (cheap GET for pollers and late joiners);
@@ -88,6 +89,7 @@ class TrajectoryStream:
         min_idle_ms: int = 60_000,
         latent_dtype: torch.dtype = torch.bfloat16,
         dead_letter_maxlen: int = 1000,
+        record_produced: bool = False,
     ) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog must be >= 1, got {max_backlog}")
@@ -101,6 +103,8 @@ class TrajectoryStream:
         self.min_idle_ms = min_idle_ms
         self.latent_dtype = latent_dtype
         self.dead_letter_maxlen = dead_letter_maxlen
+        # the ledger of every trajectory_id ever added, written atomically with its XADD (for audits and tests)
+        self.produced_key = f"ddpo:{run_id}:produced" if record_produced else None
         # consumer -> id of the last own-pending entry re-read after a restart (dropped once drained)
         self._own_cursor: dict[str, bytes] = {}
         self._own_drained: set[str] = set()
@@ -116,8 +120,20 @@ class TrajectoryStream:
                 raise
 
     def backlog(self) -> int:
-        """Entries not yet acknowledged (undelivered + pending): acknowledged entries are deleted."""
-        return int(self._r.xlen(self.key))
+        """Entries not yet delivered to the learner (XLEN minus pending: acknowledged entries are deleted).
+
+        Delivered-but-unacknowledged entries do not count: the learner holds those until its next checkpoint, and
+        counting them would stall producers whenever save_every x samples_per_epoch exceeds the bound.
+        """
+
+        def counts() -> list:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.xlen(self.key)
+            pipe.xpending(self.key, self.group)
+            return pipe.execute()
+
+        length, pending = self._with_group(counts)
+        return int(length) - int(pending["pending"])
 
     def pending_count(self) -> int:
         """Entries delivered to some consumer and not yet acknowledged."""
@@ -160,16 +176,38 @@ class TrajectoryStream:
         """XADD each trajectory, one round trip per ~1 MiB: small payloads share a round trip, and large ones
         are freed right after sending (a batch of live SD 1.5 payloads costs fresh, page-faulting memory)."""
         ids: list[str] = []
-        pipe = self._r.pipeline(transaction=False)
+        # MULTI/EXEC when ids are recorded: an entry and its ledger line exist together or not at all
+        pipe = self._r.pipeline(transaction=self.produced_key is not None)
         queued = 0
         for i, t in enumerate(trajs):
             payload = encode_trajectory(t, self.latent_dtype)
             pipe.xadd(self.key, {PAYLOAD_FIELD: payload, TRAJECTORY_ID_FIELD: t.trajectory_id.encode()})
+            if self.produced_key is not None:
+                pipe.rpush(self.produced_key, t.trajectory_id)
             queued += len(payload)
             if queued >= _PIPELINE_BYTES or i == len(trajs) - 1:
-                ids += [_as_str(entry_id) for entry_id in pipe.execute()]
+                replies = pipe.execute()
+                step = 1 if self.produced_key is None else 2
+                ids += [_as_str(entry_id) for entry_id in replies[::step]]
                 queued = 0
         return ids
+
+    def remaining_ids(self) -> list[str]:
+        """trajectory_ids of the entries still in the stream (never acknowledged), oldest first."""
+        ids = []
+        for _, fields in self._r.xrange(self.key):
+            ids.append(_as_str(fields[TRAJECTORY_ID_FIELD]))
+        return ids
+
+    def delete(self) -> None:
+        """Remove the stream, its group and the dead-letter stream (the end of a run)."""
+        self._r.delete(self.key, self.dead_letter_key)
+
+    def produced_ids(self) -> list[str]:
+        """Every trajectory_id added so far (requires record_produced=True)."""
+        if self.produced_key is None:
+            raise ValueError("this TrajectoryStream was created with record_produced=False")
+        return [_as_str(x) for x in self._r.lrange(self.produced_key, 0, -1)]
 
     # ---- consumer -------------------------------------------------------------------------------------------
     def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Entry]:

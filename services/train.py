@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
+import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from services.config import TrainConfig, dump_config, load_config
+from services.config import ConfigError, TrainConfig, dump_config, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +40,6 @@ def make_run_dir(cfg: TrainConfig, run_dir: str | None) -> Path:
     return path
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per learner epoch, appended and flushed as it happens."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
 def banner(cfg: TrainConfig, run_dir: Path) -> str:
     return (
         f"DDPO run {run_dir}: objective={cfg.training.objective} reward={cfg.reward.name} "
@@ -64,35 +49,21 @@ def banner(cfg: TrainConfig, run_dir: Path) -> str:
     )
 
 
-def epoch_row(epoch: int, version: int, rewards: list[float], seconds: float, train_metrics: dict) -> dict:
-    """The metrics.jsonl row of one epoch (keys shared by the in-process and distributed loops)."""
-    r = np.asarray(rewards, dtype=np.float64)
-    return {
-        "epoch": epoch,
-        "policy_version": version,
-        "reward_mean": float(r.mean()),
-        "reward_std": float(r.std()),
-        "samples": len(rewards),
-        "samples_per_s": len(rewards) / seconds if seconds > 0 else None,
-        **train_metrics,
-    }
-
-
 # ---- train (in process) --------------------------------------------------------------------------------------------
 def run_local(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     """The whole algorithm in one process: sampler and learner share one pipeline. Returns the metrics rows."""
     from tqdm.auto import tqdm
 
     from actors.sampler import Sampler
-    from learner.checkpoint import save_checkpoint
     from learner.learner import Learner
+    from learner.learner_worker import EpochRecorder, epoch_metrics_row, write_checkpoint
     from services.models import load_pipeline
 
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(cfg.model, cfg.lora, seed=cfg.seed)
     sampler = Sampler(cfg, pipeline=pipe)
     learner = Learner(cfg, pipeline=pipe)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    recorder = EpochRecorder(cfg, run_dir, learner, {})
     rows = []
     bar = tqdm(range(cfg.num_epochs), desc="epochs", disable=not progress)
     for epoch in bar:
@@ -103,35 +74,146 @@ def run_local(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[di
             batch += sampler.sample_scored()
         # TRAINING
         metrics = learner.train_epoch(batch, progress=progress)
-        sampler.policy_version = (
-            learner.policy_version
-        )  # shared pipeline: the new weights are already in place
-        row = epoch_row(
-            epoch, learner.policy_version, [t.reward for t in batch], time.perf_counter() - t0, metrics
-        )
-        row.update({"policy_lag_mean": 0.0, "dropped_stale": 0})
-        log.write(row)
+        # the pipeline is shared: the new weights are already in place for the next epoch's sampling
+        sampler.policy_version = learner.policy_version
+        seconds = time.perf_counter() - t0
+        row = epoch_metrics_row(epoch, learner.policy_version, batch, seconds, metrics, [0] * len(batch), 0)
+        recorder.record(row, batch)
         rows.append(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['approx_kl'] or 0:.2e}")
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.num_epochs:
-            save_checkpoint(run_dir, epoch, {**learner.state_dict(), "epoch": epoch})
+            write_checkpoint(run_dir, epoch, learner, [])
+    recorder.close()
     return rows
 
 
+# ---- train (distributed) ------------------------------------------------------------------------------------------
+def _run_id(run_dir: Path) -> str:
+    """A run's id (Redis key prefix), stable across --resume."""
+    meta = run_dir / "run.json"
+    if meta.exists():
+        return json.loads(meta.read_text())["run_id"]
+    run_id = uuid.uuid4().hex[:12]
+    meta.write_text(json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def _actor_options(num_cpus: float, num_gpus: float, max_restarts: int) -> dict:
+    return {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "max_restarts": max_restarts,
+        "max_task_retries": -1 if max_restarts else 0,  # a restarted actor resumes its loop
+    }
+
+
+def _write_id_ledgers(stream, run_dir: Path, finished: bool) -> None:
+    """produced_ids.txt (every trajectory that entered the stream) and unused_ids.txt (still unread when the run
+    ended: sampled after the last update needed them). With ledger.jsonl's used and dropped ids they partition
+    the produced set, which the fault tests check."""
+    (run_dir / "produced_ids.txt").write_text("".join(i + "\n" for i in stream.produced_ids()))
+    (run_dir / "unused_ids.txt").write_text("".join(i + "\n" for i in stream.remaining_ids()))
+    if finished:
+        stream.delete()
+
+
+def _update_bar(bar, rows: list[dict]) -> None:
+    """Advance the epoch bar to the rows written so far, showing the newest reward, throughput and policy lag."""
+    if len(rows) == bar.n:
+        return
+    last = rows[-1]
+    bar.set_postfix(reward=f"{last['reward_mean']:.4f}", sps=f"{last['samples_per_s']:.2f}",
+                    lag=f"{last['policy_lag_mean']:.2f}", refresh=False)  # fmt: skip
+    bar.update(len(rows) - bar.n)
+
+
+def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
+    """Sampling actors, reward servers and the learner as separate processes. Returns the metrics rows."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from actors.sampler_worker import SamplerWorker, run_keys
+    from learner.learner_worker import LearnerWorker
+    from services.artifacts import read_metrics
+    from services.infra import ray_cluster, redis_client, redis_server, reward_servers
+    from services.streams import TrajectoryStream
+
+    run_id = _run_id(run_dir)
+    cfg_json = cfg.model_dump_json()
+    c = cfg.cluster
+    metrics_path = run_dir / "metrics.jsonl"
+    with (
+        redis_server(c.redis_url, run_dir / "redis") as redis_url,
+        reward_servers(cfg, run_dir / "logs") as replicas,
+        ray_cluster(cfg),
+    ):
+        r = redis_client(redis_url)
+        keys = run_keys(run_id)
+        r.delete(keys["stop"], *r.keys(f"{keys['quota']}*"))
+        learner = (
+            ray.remote(LearnerWorker)
+            .options(name=f"learner-{run_id}", **_actor_options(c.learner_num_cpus, c.learner_num_gpus, -1))
+            .remote(cfg_json, run_id, redis_url, str(run_dir.resolve()), replicas)
+        )
+        samplers = [
+            ray.remote(SamplerWorker)
+            .options(
+                name=f"sampler-{run_id}-{i}",
+                **_actor_options(c.sampler_num_cpus, c.sampler_num_gpus, c.actor_max_restarts),
+            )
+            .remote(cfg_json, run_id, redis_url, f"sampler-{i}", replicas)
+            for i in range(c.num_sampler_actors)
+        ]
+        sampler_runs = [s.run.remote() for s in samplers]
+        learner_run = learner.run.remote()
+        bar = tqdm(total=cfg.num_epochs, desc="epochs", disable=not progress)
+        completed = False
+        try:
+            while not ray.wait([learner_run], timeout=1.0)[0]:
+                _update_bar(bar, read_metrics(metrics_path))
+                done, _ = ray.wait(sampler_runs, timeout=0)
+                for ref in done:
+                    ray.get(ref)  # a sampler loop that ends before the stop flag has failed for good: raise
+            ray.get(learner_run)
+            completed = True
+            _update_bar(bar, read_metrics(metrics_path))
+        finally:
+            bar.close()
+            r.set(keys["stop"], 1)
+            ray.wait(sampler_runs, num_returns=len(sampler_runs), timeout=60)
+            for actor in [learner, *samplers]:
+                ray.kill(actor, no_restart=True)
+            _write_id_ledgers(TrajectoryStream(r, run_id, record_produced=True), run_dir, finished=completed)
+    return read_metrics(metrics_path)
+
+
 # ---- entry points --------------------------------------------------------------------------------------------------
-def main_from_args(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
-    run_dir = make_run_dir(cfg, args.run_dir)
+def train(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
+    """setup -> train -> cleanup for a validated config and a prepared run directory."""
     logger.info(banner(cfg, run_dir))
     prepare_models(cfg)
-    run_local(cfg, run_dir)
+    if cfg.cluster.in_process:
+        return run_local(cfg, run_dir, progress=progress)
+    return run_distributed(cfg, run_dir, progress=progress)
+
+
+def main_from_args(args: argparse.Namespace) -> None:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there")
+        cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = make_run_dir(cfg, args.run_dir)
+    train(cfg, run_dir)
     logger.info("done: %s", run_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     from services.cli import main as cli_main
 
-    cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -70,11 +70,20 @@ def test_add_read_ack_round_trip(r: redis.Redis, run_id: str) -> None:
         assert d.trajectory_id == t.trajectory_id and d.prompt == t.prompt and d.reward == t.reward
         assert d.latents.dtype == torch.bfloat16 and torch.equal(d.latents, t.latents.bfloat16())
         assert torch.equal(d.log_probs, t.log_probs) and torch.equal(d.timesteps, t.timesteps)
-    assert s.backlog() == 3 and s.pending_count() == 3  # delivered, not yet acked
+    assert s.backlog() == 0 and s.pending_count() == 3  # delivered, not yet acked: no longer backlog
     assert s.ack(ids) == 3
     assert s.backlog() == 0 and s.pending_count() == 0
     assert r.xrange(s.key) == []  # ack deletes the data
     assert s.read("learner-0", count=10, block_ms=50) == []
+
+
+def test_produced_ledger_is_written_with_the_entries(r: redis.Redis, run_id: str) -> None:
+    s = TrajectoryStream(r, run_id, max_backlog=10, record_produced=True)
+    ids = s.add_many([traj(i) for i in range(4)])
+    assert len(ids) == 4 and s.produced_ids() == [f"traj-{i}" for i in range(4)]
+    assert [d.trajectory_id for _, d in s.read("learner-0", count=10)] == s.produced_ids()
+    with pytest.raises(ValueError, match="record_produced"):
+        TrajectoryStream(r, run_id).produced_ids()
 
 
 def test_group_creation_is_idempotent_and_sees_earlier_entries(r: redis.Redis, run_id: str) -> None:
@@ -128,16 +137,17 @@ def test_backpressure_raises_and_never_trims(r: redis.Redis, run_id: str) -> Non
     assert 0.2 <= time.monotonic() - t0 < 2.0
     assert s.backlog() == 3
 
-    # reading alone does not free room (pending entries still count); acking does: a blocked add goes through
-    got = s.read("c", count=1)
-    with pytest.raises(Backpressure):
-        s.add(traj(3))
-    timer = threading.Timer(0.2, lambda: s.ack([got[0][0]]))
+    # delivery frees room (the learner may hold delivered entries unacked until its checkpoint): a blocked add
+    # goes through once the learner reads
+    timer = threading.Timer(0.2, lambda: got.extend(s.read("c", count=1)))
+    got: list = []
     timer.start()
     try:
         added.append(s.add(traj(3), block_s=5.0))
     finally:
         timer.join()
+    assert s.backlog() == 3 and s.pending_count() == 1
+    s.ack([got[0][0]])
 
     # every added entry is readable: nothing was trimmed
     seen = [got[0][0]]
@@ -179,7 +189,7 @@ def test_corrupt_entries_go_to_dead_letter(
     fields = dead[0][1]
     assert fields[b"source_id"].decode() == bad and fields[b"payload"] == b"\x00garbage"
     assert b"CodecError" in fields[b"error"]
-    assert s.backlog() == 1 and s.pending_count() == 1  # the bad entry is acked and deleted
+    assert s.backlog() == 0 and s.pending_count() == 1  # the bad entry is acked and deleted
 
 
 def test_pending_entry_deleted_elsewhere_is_dropped(r: redis.Redis, run_id: str) -> None:

