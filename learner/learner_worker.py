@@ -186,7 +186,8 @@ class LearnerWorker:
         self.recorder = EpochRecorder(
             cfg, self.run_dir, self.learner, replicas or {}, resume_epoch=self.next_epoch
         )
-        self.channel.publish(self.learner.policy_version, self.learner.policy_weights())
+        # (re)announce the weights this learner holds; after a resume they replace anything published later
+        self.channel.publish(self.learner.policy_version, self.learner.policy_weights(), rollback=True)
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def _resume(self) -> None:

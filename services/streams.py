@@ -359,22 +359,33 @@ class WeightChannel:
         self.run_id = run_id
         self.key = f"ddpo:{run_id}:weights"
         self.version_key = f"{self.key}:version"
+        self.seq_key = (
+            f"{self.key}:seq"  # counts publications: a rollback has a lower version but a higher seq
+        )
         self.notify_channel = f"{self.key}:notify"
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        """Store ``state_dict`` as ``version`` (>= the current one) atomically, then announce it."""
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], rollback: bool = False) -> None:
+        """Store ``state_dict`` as ``version`` (>= the current one) atomically, then announce it.
+
+        ``rollback=True`` allows a lower version: a learner resumed from a checkpoint republishes its weights, and
+        subscribers must replace versions published after that checkpoint (they follow ``seq``, not ``version``).
+        """
         blob = encode_tensors(state_dict, {"version": int(version)})
         sha = hashlib.sha256(blob).hexdigest()
 
         def write(pipe: redis.client.Pipeline) -> None:
             current = pipe.get(self.version_key)
-            if current is not None and version < int(current):
+            if current is not None and version < int(current) and not rollback:
                 raise ValueError(f"cannot publish weights version {version}: version {int(current)} is newer")
+            seq = int(pipe.get(self.seq_key) or 0) + 1
             pipe.multi()
-            pipe.hset(self.key, mapping={"version": str(version), "sha256": sha, "blob": blob})
+            pipe.hset(
+                self.key, mapping={"version": str(version), "sha256": sha, "blob": blob, "seq": str(seq)}
+            )
             pipe.set(self.version_key, str(version))
+            pipe.set(self.seq_key, str(seq))
 
-        self._r.transaction(write, self.version_key)
+        self._r.transaction(write, self.version_key, self.seq_key)
         self._r.publish(self.notify_channel, str(version))
         logger.debug("published weights v%d (%d bytes) on %s", version, len(blob), self.key)
 
@@ -382,6 +393,10 @@ class WeightChannel:
         """Newest published version, -1 if none."""
         v = self._r.get(self.version_key)
         return -1 if v is None else int(v)
+
+    def latest_seq(self) -> int:
+        """Number of publications so far (0 if none)."""
+        return int(self._r.get(self.seq_key) or 0)
 
     def fetch(self, min_version: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(version, state dict) of the newest weights, or None if none (or none >= ``min_version``).
@@ -407,6 +422,16 @@ class WeightChannel:
             )
         return v, tensors
 
+    def fetch_newer(self, seq: int) -> tuple[int, int, dict[str, torch.Tensor]] | None:
+        """(seq, version, state dict) of the newest publication if its seq is > ``seq``, else None."""
+        if self.latest_seq() <= seq:
+            return None
+        new_seq = int(self._r.hget(self.key, "seq") or 0)
+        got = self.fetch()
+        if got is None or new_seq <= seq:
+            return None
+        return new_seq, got[0], got[1]
+
     def wait_for_version(self, version: int, timeout_s: float, poll_s: float = 0.5) -> bool:
         """Block until ``latest_version() >= version`` (True) or ``timeout_s`` passes (False).
 
@@ -419,10 +444,18 @@ class WeightChannel:
         finally:
             pubsub.close()
 
-    def _wait(self, pubsub: redis.client.PubSub, version: int, timeout_s: float, poll_s: float) -> bool:
+    def _wait(
+        self,
+        pubsub: redis.client.PubSub,
+        version: int,
+        timeout_s: float,
+        poll_s: float,
+        seq: int | None = None,
+    ) -> bool:
+        """Wait for version >= ``version`` (or, if ``seq`` is given, for a publication newer than ``seq``)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if self.latest_version() >= version:
+            if (self.latest_seq() > seq) if seq is not None else (self.latest_version() >= version):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -431,30 +464,49 @@ class WeightChannel:
 
 
 class WeightSubscriber:
-    """An actor's view of the weight channel: hands out each newer version once, for applying between batches."""
+    """An actor's view of the weight channel: hands out each newer publication once, for applying between batches.
+
+    It follows the publication counter, so a learner that resumed from a checkpoint and republished an older
+    version still replaces weights published after that checkpoint.
+    """
 
     def __init__(self, channel: WeightChannel, version: int = -1) -> None:
         self.channel = channel
-        self.version = version  # newest version handed out (= applied by the caller)
+        self.version = version  # version of the newest publication handed out (= applied by the caller)
+        self.seq = 0  # its publication number
         self._pubsub: redis.client.PubSub | None = None
 
     def poll(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(version, state dict) if a version newer than ``self.version`` exists, else None (one GET)."""
-        if self.channel.latest_version() <= self.version:
+        """(version, state dict) if something was published since the last hand-out, else None (one GET).
+
+        A subscriber created with the version it already holds (e.g. restored from a checkpoint) is not handed
+        that same version again.
+        """
+        got = self.channel.fetch_newer(self.seq)
+        if got is None:
             return None
-        got = self.channel.fetch(min_version=self.version + 1)
-        if got is not None:
-            self.version = got[0]
-        return got
+        first = self.seq == 0
+        self.seq, version, state = got
+        if first and version == self.version:
+            return None
+        self.version = version
+        return version, state
 
     def wait(self, timeout_s: float, poll_s: float = 0.5) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """Like ``poll`` but block up to ``timeout_s`` for a newer version (kept subscription, low latency)."""
+        """Like ``poll`` but block up to ``timeout_s`` for a new publication (kept subscription, low latency)."""
         if self._pubsub is None:
             self._pubsub = self.channel._r.pubsub(ignore_subscribe_messages=True)
             self._pubsub.subscribe(self.channel.notify_channel)
-        if not self.channel._wait(self._pubsub, self.version + 1, timeout_s, poll_s):
-            return None
-        return self.poll()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.channel._wait(
+                self._pubsub, self.version + 1, max(remaining, 0.0), poll_s, seq=self.seq
+            ):
+                return None
+            got = self.poll()
+            if got is not None or deadline - time.monotonic() <= 0:
+                return got
 
     def close(self) -> None:
         if self._pubsub is not None:

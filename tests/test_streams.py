@@ -292,6 +292,22 @@ def test_subscriber_sees_only_newer_versions(r: redis.Redis, run_id: str) -> Non
     assert late.poll() is None
 
 
+def test_rollback_republish_replaces_newer_weights(r: redis.Redis, run_id: str) -> None:
+    """A learner resumed from an older checkpoint republishes its version; subscribers must take it."""
+    ch = WeightChannel(r, run_id)
+    sub = WeightSubscriber(ch)
+    for v in (1, 2, 3):
+        ch.publish(v, lora_state(v))
+    assert sub.poll()[0] == 3
+    with pytest.raises(ValueError, match="is newer"):
+        ch.publish(2, lora_state(2))
+    ch.publish(2, lora_state(20), rollback=True)
+    v, sd = sub.poll()
+    assert v == 2 and ch.latest_version() == 2
+    assert_state_equal(sd, lora_state(20))
+    assert sub.poll() is None
+
+
 def test_wait_for_version_with_publisher_thread(r: redis.Redis, run_id: str) -> None:
     ch = WeightChannel(r, run_id)
     publisher = threading.Timer(0.2, lambda: WeightChannel(r, run_id).publish(5, lora_state(5)))
