@@ -13,7 +13,7 @@ import torch
 from services.config import TrainConfig
 from services.diffusion import sample_trajectory
 from services.images import tensor_to_pil
-from services.models import load_pipeline, load_policy_state_dict
+from services.models import autocast, load_pipeline, load_policy_state_dict
 from services.prompts import PromptSampler
 from services.rewards import LOCAL_REWARDS, RewardFn
 from services.trajectory import ScoredTrajectory, Trajectory, split_scored
@@ -38,7 +38,11 @@ class Sampler:
     ) -> None:
         self.cfg = cfg
         self.actor_id = actor_id
-        self.pipe = pipeline if pipeline is not None else load_pipeline(cfg.model, cfg.lora, seed=cfg.seed)
+        self.pipe = (
+            pipeline
+            if pipeline is not None
+            else load_pipeline(cfg.model, cfg.lora, seed=cfg.seed, perf=cfg.performance)
+        )
         seed = actor_seed(cfg.seed, actor_id)
         self.prompt_sampler = PromptSampler(cfg.prompts, seed)
         self.generator = torch.Generator(device=self.pipe.unet.device).manual_seed(seed)
@@ -56,16 +60,17 @@ class Sampler:
         """One batch of `sampling.batch_size` trajectories (prompts drawn from the prompt set unless given)."""
         s = self.cfg.sampling
         prompts = prompts if prompts is not None else self.prompt_sampler.sample(s.batch_size)
-        return sample_trajectory(
-            self.pipe,
-            prompts,
-            num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale,
-            eta=s.eta,
-            negative_prompt=s.negative_prompt,
-            generator=generator or self.generator,
-            resolution=s.resolution,
-        )
+        with autocast(self.cfg.performance, self.pipe.unet.device):
+            return sample_trajectory(
+                self.pipe,
+                prompts,
+                num_steps=s.num_steps,
+                guidance_scale=s.guidance_scale,
+                eta=s.eta,
+                negative_prompt=s.negative_prompt,
+                generator=generator or self.generator,
+                resolution=s.resolution,
+            )
 
     def score(self, traj: Trajectory) -> tuple[torch.Tensor, dict]:
         """Rewards [B] and per-sample info of a batch, with the in-process reward function."""

@@ -178,6 +178,22 @@ class LoggingConfig(_Section):
     """Samples shown in each epoch's image grid (images/epoch_NNNN.png); 0 turns grids off."""
 
 
+class PerformanceConfig(_Section):
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed-precision autocast of the UNet/VAE/text-encoder forwards in sampling and training (log-prob math
+    stays float32). bf16 needs a GPU or a recent CPU; fp16 a GPU."""
+    compile_unet: bool = False
+    """torch.compile the UNet (sampling and training); the first batches pay the compile time."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode when compile_unet is on."""
+    channels_last: bool = False
+    """Store UNet weights/activations channels-last (faster convolutions on tensor cores)."""
+    fused_adamw: bool = False
+    """Use the fused AdamW kernel."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls on Ampere+ GPUs (ignored on CPU)."""
+
+
 class ClusterConfig(_Section):
     in_process: bool = False
     """Run sampler and learner in this one process, without Ray, Redis or HTTP (debugging; jpeg rewards only)."""
@@ -245,6 +261,8 @@ class TrainConfig(_Section):
     """Held-out evaluation with fixed seeds."""
     logging: LoggingConfig = LoggingConfig()
     """Image grids, curves, TensorBoard, W&B."""
+    performance: PerformanceConfig = PerformanceConfig()
+    """Fast paths (all off by default; each is checked against the plain path in tests)."""
 
     @property
     def samples_per_epoch(self) -> int:

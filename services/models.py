@@ -5,6 +5,7 @@ The same code loads `runwayml/stable-diffusion-v1-5` on a cluster and the tiny m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from services.config import LoraConfig, ModelConfig
+from services.config import LoraConfig, ModelConfig, PerformanceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_pipeline(
-    model: ModelConfig, lora: LoraConfig | None = None, seed: int = 0
+    model: ModelConfig,
+    lora: LoraConfig | None = None,
+    seed: int = 0,
+    perf: PerformanceConfig | None = None,
 ) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with DDIM, frozen base weights, and (if model.use_lora) a trainable UNet LoRA.
 
@@ -52,6 +56,8 @@ def load_pipeline(
         add_lora(pipe.unet, lora or LoraConfig(), seed=seed)
     else:
         pipe.unet.to(torch.float32).requires_grad_(True)
+    if perf is not None:
+        apply_fast_paths(pipe, perf)
     return pipe
 
 
@@ -93,3 +99,23 @@ def load_policy_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]
             raise ValueError(f"LoRA state has unexpected keys, e.g. {unexpected[:3]}")
     else:
         unet.load_state_dict(state)
+
+
+def apply_fast_paths(pipe: StableDiffusionPipeline, perf: PerformanceConfig) -> None:
+    """Channels-last and torch.compile on the UNet, TF32, as configured (in place; after the LoRA is attached,
+    so that loading new LoRA weights into the parameters needs no recompilation)."""
+    if perf.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if perf.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if perf.compile_unet:
+        pipe.unet.compile(mode=perf.compile_mode)
+
+
+def autocast(perf: PerformanceConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The configured mixed-precision context for forwards on `device` (a no-op for autocast: none)."""
+    if perf.autocast == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if perf.autocast == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -60,7 +60,7 @@ def run_local(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[di
     from services.models import load_pipeline
 
     torch.manual_seed(cfg.seed)
-    pipe = load_pipeline(cfg.model, cfg.lora, seed=cfg.seed)
+    pipe = load_pipeline(cfg.model, cfg.lora, seed=cfg.seed, perf=cfg.performance)
     sampler = Sampler(cfg, pipeline=pipe)
     learner = Learner(cfg, pipeline=pipe)
     recorder = EpochRecorder(cfg, run_dir, learner, {})
