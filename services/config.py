@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Diffusers Stable Diffusion 1.x/2.x pipeline: a hub id or a local directory."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""

