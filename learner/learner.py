@@ -168,7 +168,9 @@ class Learner:
 
     def _mean_over_ranks(self, metrics: dict[str, float | None]) -> dict[str, float | None]:
         """Every rank trains the same number of micro-batches, so the global mean is the mean of rank means."""
-        keys = [k for k, v in metrics.items() if v is not None and k not in ("grad_norm", "advantage_abs_mean")]
+        keys = [
+            k for k, v in metrics.items() if v is not None and k not in ("grad_norm", "advantage_abs_mean")
+        ]
         values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return {**metrics, **{k: float(v) / self.world_size for k, v in zip(keys, values, strict=True)}}

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -261,7 +262,12 @@ class LearnerWorker:
         row["collect_wait_s"] = wait_s
         append_jsonl(
             self.run_dir / "ledger.jsonl",
-            {"epoch": epoch, "used": [t.trajectory_id for t in batch], "dropped_stale": dropped},
+            {
+                "epoch": epoch,
+                "used": [t.trajectory_id for t in batch],
+                "dropped_stale": dropped,
+                "actors": dict(Counter(t.actor_id for t in batch)),
+            },
         )
         self.recorder.record(row, batch)
         self.unacked += ids

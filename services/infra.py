@@ -82,6 +82,19 @@ def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
         ray.shutdown()
 
 
+def resolve_model_ref(model: str) -> str:
+    """`pkg:NAME` -> the model directory shipped by package NAME; anything else unchanged."""
+    if not model.startswith("pkg:"):
+        return model
+    import importlib
+
+    name = model[4:]
+    try:
+        return str(importlib.import_module(name).get_model_path())
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward server model {model!r}: package {name!r} ships no model ({err})") from None
+
+
 class SpawnedServer:
     """One reward server as a subprocess on 127.0.0.1 (`python -m reward_servers.serve KIND ...`)."""
 
@@ -100,7 +113,7 @@ class SpawnedServer:
             str(self.port),
         ]
         if model:
-            cmd += ["--model", model]
+            cmd += ["--model", resolve_model_ref(model)]
         cmd += args
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"reward-{kind}.log"
