@@ -161,11 +161,15 @@ class LearnerWorker:
         redis_url: str,
         run_dir: str,
         replicas: dict[str, list[str]] | None = None,
+        world_size: int = 1,
     ) -> None:
         self.cfg = cfg = TrainConfig.model_validate_json(cfg_json)
         quiet_model_loading()
         if cfg.cluster.torch_threads:
             torch.set_num_threads(cfg.cluster.torch_threads)
+        self.world_size = world_size
+        self.group = None
+        self.replicas = replicas or {}
         self.run_id = run_id
         self.run_dir = Path(run_dir)
         self.redis = redis_client(redis_url)
@@ -178,14 +182,33 @@ class LearnerWorker:
             latent_dtype=_DTYPES[cfg.cluster.latent_dtype],
         )
         self.channel = WeightChannel(self.redis, run_id)
+        self.learner = None
+        if world_size == 1:
+            self.setup()
+
+    def master_address(self) -> str:
+        """Rendezvous address of the learner group on this node (data-parallel learners only)."""
+        from learner.group import node_address
+
+        return node_address()
+
+    def setup(self, master: str | None = None) -> None:
+        """Join the learner group (if data-parallel), build the learner, resume, announce the weights."""
+        cfg = self.cfg
+        if self.world_size > 1:
+            from learner.group import STATE, LearnerGroup, encode_state
+
+            self.group = LearnerGroup(0, self.world_size, master)
         self.learner = Learner(cfg)
         self.dedup = Deduplicator()
         self.next_epoch = 0
         self.unacked: list[str] = []  # entry ids used since the last checkpoint
         self.held: list[tuple[str, ScoredTrajectory]] = []  # read but not yet used (e.g. newer than needed)
         self._resume()
+        if self.group is not None:  # the other ranks start from exactly this state
+            self.group.send(STATE, encode_state(self.learner.state_dict()))
         self.recorder = EpochRecorder(
-            cfg, self.run_dir, self.learner, replicas or {}, resume_epoch=self.next_epoch
+            cfg, self.run_dir, self.learner, self.replicas, resume_epoch=self.next_epoch
         )
         # (re)announce the weights this learner holds; after a resume they replace anything published later
         self.channel.publish(self.learner.policy_version, self.learner.policy_weights(), rollback=True)
@@ -250,7 +273,11 @@ class LearnerWorker:
         batch, ids, dropped, wait_s = self.collect(cfg.samples_per_epoch)
         version_before = self.learner.policy_version
         lags = [version_before - t.policy_version for t in batch]
-        # 2. UPDATE
+        # 2. UPDATE (every learner rank trains on the same batch, each on its share of the micro-batches)
+        if self.group is not None:
+            from learner.group import BATCH, encode_batch
+
+            self.group.send(BATCH, encode_batch(batch))
         metrics = self.learner.train_epoch(batch)
         # 3. PUBLISH
         self.channel.publish(self.learner.policy_version, self.learner.policy_weights())
@@ -260,6 +287,7 @@ class LearnerWorker:
             epoch, self.learner.policy_version, batch, seconds, metrics, lags, len(dropped)
         )
         row["collect_wait_s"] = wait_s
+        row["learner_ranks"] = self.world_size
         append_jsonl(
             self.run_dir / "ledger.jsonl",
             {
@@ -285,8 +313,15 @@ class LearnerWorker:
     def run(self) -> list[dict]:
         """Epochs until `num_epochs`; returns this call's metrics rows."""
         rows = []
-        while self.next_epoch < self.cfg.num_epochs:
-            rows.append(self.run_epoch())
+        try:
+            while self.next_epoch < self.cfg.num_epochs:
+                rows.append(self.run_epoch())
+        finally:
+            if self.group is not None:
+                from learner.group import STOP
+
+                self.group.send(STOP)
+                self.group.close()
         self.recorder.close()
         return rows
 

@@ -208,7 +208,10 @@ class ClusterConfig(_Section):
     sampler_num_gpus: float = Field(0.0, ge=0)
     """GPUs per sampling actor (0 on CPU)."""
     learner_num_gpus: float = Field(0.0, ge=0)
-    """GPUs of the learner actor (0 on CPU)."""
+    """GPUs of each learner rank (0 on CPU)."""
+    num_learners: int = Field(1, ge=1)
+    """Data-parallel learner ranks (torch.distributed: NCCL on GPUs, gloo on CPUs); each trains on its share of
+    every epoch's micro-batches. training.gradient_accumulation_steps must be divisible by it."""
     sampler_num_cpus: float = Field(1.0, ge=0)
     """CPUs reserved per sampling actor."""
     learner_num_cpus: float = Field(1.0, ge=0)
@@ -292,6 +295,11 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"samples per epoch ({self.samples_per_epoch}) must be divisible by training.batch_size * "
                 f"training.gradient_accumulation_steps = {self.samples_per_update}"
+            )
+        if self.training.gradient_accumulation_steps % self.cluster.num_learners:
+            raise ValueError(
+                f"training.gradient_accumulation_steps={self.training.gradient_accumulation_steps} must be divisible "
+                f"by cluster.num_learners={self.cluster.num_learners}"
             )
         if self.reward.mode == "local" and not self.reward.name.startswith("jpeg"):
             raise ValueError(f"reward.mode: 'local' supports only the jpeg rewards, not {self.reward.name!r}")

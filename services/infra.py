@@ -67,7 +67,7 @@ def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
     else:
         c = cfg.cluster
         # logical CPUs: enough for every actor of this run even on a 2-core machine (they mostly wait on each other)
-        needed = c.learner_num_cpus + c.num_sampler_actors * c.sampler_num_cpus
+        needed = c.num_learners * c.learner_num_cpus + c.num_sampler_actors * c.sampler_num_cpus
         ray.init(
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
             _node_ip_address="127.0.0.1",

@@ -133,6 +133,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
     from tqdm.auto import tqdm
 
     from actors.sampler_worker import SamplerWorker, run_keys
+    from learner.group import LearnerRank
     from learner.learner_worker import LearnerWorker
     from services.artifacts import read_metrics
     from services.infra import ray_cluster, redis_client, redis_server, reward_servers
@@ -150,11 +151,30 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
         r = redis_client(redis_url)
         keys = run_keys(run_id)
         r.delete(keys["stop"], *r.keys(f"{keys['quota']}*"))
+        # a single learner restarts on its own; a data-parallel group fails together (resume with --resume)
+        learner_restarts = -1 if c.num_learners == 1 else 0
         learner = (
             ray.remote(LearnerWorker)
-            .options(name=f"learner-{run_id}", **_actor_options(c.learner_num_cpus, c.learner_num_gpus, -1))
-            .remote(cfg_json, run_id, redis_url, str(run_dir.resolve()), replicas)
+            .options(
+                name=f"learner-{run_id}",
+                **_actor_options(c.learner_num_cpus, c.learner_num_gpus, learner_restarts),
+            )
+            .remote(cfg_json, run_id, redis_url, str(run_dir.resolve()), replicas, c.num_learners)
         )
+        ranks, rank_runs = [], []
+        if c.num_learners > 1:
+            master = ray.get(learner.master_address.remote())
+            ranks = [
+                ray.remote(LearnerRank)
+                .options(
+                    name=f"learner-{run_id}-rank{i}",
+                    **_actor_options(c.learner_num_cpus, c.learner_num_gpus, 0),
+                )
+                .remote(cfg_json, i, c.num_learners, master)
+                for i in range(1, c.num_learners)
+            ]
+            rank_runs = [r.run.remote() for r in ranks]
+            ray.get(learner.setup.remote(master))
         samplers = [
             ray.remote(SamplerWorker)
             .options(
@@ -171,7 +191,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
         try:
             while not ray.wait([learner_run], timeout=1.0)[0]:
                 _update_bar(bar, read_metrics(metrics_path))
-                done, _ = ray.wait(sampler_runs, timeout=0)
+                done, _ = ray.wait(sampler_runs + rank_runs, timeout=0)
                 for ref in done:
                     ray.get(ref)  # a sampler loop that ends before the stop flag has failed for good: raise
             ray.get(learner_run)
@@ -181,7 +201,8 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
             bar.close()
             r.set(keys["stop"], 1)
             ray.wait(sampler_runs, num_returns=len(sampler_runs), timeout=60)
-            for actor in [learner, *samplers]:
+            ray.wait(rank_runs, num_returns=len(rank_runs), timeout=60)
+            for actor in [learner, *ranks, *samplers]:
                 ray.kill(actor, no_restart=True)
             _write_id_ledgers(TrajectoryStream(r, run_id, record_produced=True), run_dir, finished=completed)
     return read_metrics(metrics_path)

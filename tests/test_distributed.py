@@ -267,3 +267,17 @@ def test_resume_continues_the_run(tiny_sd_path, tmp_path, redis_keys_cleanup):
     assert rows[:2] == first
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(600)
+def test_two_learner_ranks_train_together(tiny_sd_path, tmp_path, redis_keys_cleanup):
+    """cluster.num_learners 2: a gloo group of Ray actors; rank 0 streams, publishes and checkpoints."""
+    cfg = dist_config(
+        tiny_sd_path, num_epochs=3, training={"gradient_accumulation_steps": 2}, cluster={"num_learners": 2}
+    )
+    run_dir = make_run_dir(cfg, str(tmp_path / "run"))
+    redis_keys_cleanup.append(run_dir)
+    rows = run_distributed(cfg, run_dir, progress=False)
+    check_ledger(run_dir, cfg.num_epochs)
+    assert all(r["learner_ranks"] == 2 for r in rows)
+    assert (run_dir / "checkpoints" / "epoch_0002").exists()
