@@ -51,16 +51,33 @@ def redis_server(url: str | None, data_dir: Path) -> Iterator[str]:
         server.shutdown()
 
 
+def ray_address(cfg: TrainConfig) -> str | None:
+    return cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def prepare_local_ray(cfg: TrainConfig) -> None:
+    """Before Ray is imported: a local Ray of this run uses Ray's single-machine mode, which keeps every Ray socket
+    (GCS, raylet, workers, agents) on 127.0.0.1 instead of all interfaces. Ray reads the flag at import time."""
+    if ray_address(cfg):
+        return
+    if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        logger.warning(
+            "ray was imported before the local cluster was prepared: its sockets may bind all interfaces"
+        )
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 @contextlib.contextmanager
 def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
     """Join `cluster.ray_address` or RAY_ADDRESS (a Ray job), else start a local Ray bound to 127.0.0.1 with a
     random GCS port (never 6379) and no dashboard; shut down on exit."""
+    address = ray_address(cfg)
+    prepare_local_ray(cfg)
     import ray
 
     if ray.is_initialized():
         yield
         return
-    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)

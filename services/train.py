@@ -129,6 +129,9 @@ def _update_bar(bar, rows: list[dict]) -> None:
 
 def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     """Sampling actors, reward servers and the learner as separate processes. Returns the metrics rows."""
+    from services.infra import prepare_local_ray
+
+    prepare_local_ray(cfg)  # before `import ray`
     import ray
     from tqdm.auto import tqdm
 
