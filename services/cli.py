@@ -7,17 +7,14 @@ import logging
 import sys
 
 
+def _add_set_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run DDPO training (default preset: quickstart)")
     p.add_argument("--config", default="quickstart", help="preset name in configs/ or a path to a YAML file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)",
-    )
+    _add_set_option(p, "override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<preset>-<timestamp>)")
     p.add_argument(
         "--resume", default=None, metavar="RUN_DIR", help="continue a run from its newest checkpoint"
@@ -55,14 +52,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="checkpoints to evaluate: epoch_NNNN or epoch numbers (default: all)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config, e.g. --set evaluation.prompts='[a fox]' (repeatable)",
-    )
+    _add_set_option(p, "override the run's config, e.g. --set evaluation.prompts='[a fox]' (repeatable)")
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
