@@ -1,0 +1,86 @@
+"""Request and response bodies of the reward HTTP API (pydantic only, so clients can import them cheaply).
+
+Images are base64 strings of PNG, JPEG or WebP bytes; a `data:image/...;base64,` prefix is accepted. The models are
+strict: a number where a string belongs (or the reverse) is a 422, never a silent conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TEXT_CHARS = 4096
+
+Base64Image = Annotated[
+    str, Field(description="base64 PNG/JPEG/WebP bytes, optionally with a data:image/...;base64, prefix")
+]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+class ImagesRequest(_Strict):
+    """Images to score (jpeg and aesthetic servers)."""
+
+    images: list[Base64Image]
+
+
+class ScoreResponse(_Strict):
+    """One score per image, in request order."""
+
+    scores: list[float]
+
+
+class JpegScoreResponse(ScoreResponse):
+    """`scores` = -jpeg_kb (compressibility); `jpeg_kb` = kB (bytes / 1000) of the RGB image as JPEG quality 95."""
+
+    jpeg_kb: list[float]
+
+
+class AnswerRequest(_Strict):
+    """Questions about images (llava server): `questions[i]` is the list of questions about `images[i]`."""
+
+    images: list[Base64Image]
+    questions: list[list[Text]]
+    max_new_tokens: int = Field(64, ge=1, description="most tokens generated per answer (greedy decoding)")
+
+    @model_validator(mode="after")
+    def _one_question_list_per_image(self) -> AnswerRequest:
+        if len(self.questions) != len(self.images):
+            raise ValueError(
+                f"questions must hold one list per image: got {len(self.questions)} lists for {len(self.images)} images"
+            )
+        return self
+
+
+class AnswerResponse(_Strict):
+    """`answers[i][j]` answers `questions[i][j]`."""
+
+    answers: list[list[str]]
+
+
+class TextPairsRequest(_Strict):
+    """Candidate/reference pairs (bertscore server): `candidates[i]` is compared with `references[i]`."""
+
+    candidates: list[Text]
+    references: list[Text]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> TextPairsRequest:
+        if len(self.candidates) != len(self.references):
+            raise ValueError(
+                f"candidates and references must have the same length: got {len(self.candidates)} and "
+                f"{len(self.references)}"
+            )
+        return self
+
+
+class BertScoreResponse(_Strict):
+    """BERTScore of each pair: precision, recall and F1, in request order."""
+
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]

@@ -1,0 +1,190 @@
+"""Helpers for the reward-server tests: real server processes on loopback, test images, metrics, fuzzing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m reward_servers.serve KIND ...` as a child process on 127.0.0.1; `stop()` always ends it."""
+
+    def __init__(self, kind: str, *flags: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{kind}-{self.port}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "reward_servers.serve",
+            kind,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        cmd += ["--access-log", "false", *flags]
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_ready(self, timeout_s: float = 120.0) -> ServerProcess:
+        """Poll /readyz until 200; raise with the server's log if it exits or takes too long."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_servers(*servers: ServerProcess) -> None:
+    """Wait for servers launched together (they load in parallel); on failure stop them all."""
+    try:
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
+def noise_image(seed: int, size: tuple[int, int] = (48, 32), mode: str = "RGB") -> Image.Image:
+    """A random image, different for every seed (random pixels do not compress alike)."""
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return Image.fromarray(pixels, mode=mode)
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_b64(image: Image.Image) -> str:
+    return b64(image_bytes(image, "PNG"))
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR claims width x height: a decompression bomb's header, harmless to build."""
+    raw = bytearray(image_bytes(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(raw[24:29])  # bytes 16..28: IHDR data, 29..32: its CRC
+    raw[16:29] = ihdr
+    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(raw)
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name` in a Prometheus text exposition."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
+    return sum(v for ls, v in metric_samples(text, name) if all(ls.get(k) == x for k, x in labels.items()))
+
+
+def batches_larger_than_one(metrics_text: str) -> float:
+    """Model batches with more than one item, from the batch-size histogram."""
+    total = metric_value(metrics_text, "ddpo_reward_batch_size_count")
+    return total - metric_value(metrics_text, "ddpo_reward_batch_size_bucket", le="1.0")
+
+
+def fuzz_openapi(base_url: str, headers: dict[str, str] | None = None, max_examples: int = 30) -> list[str]:
+    """Schemathesis over every operation of the server's /openapi.json, valid and invalid inputs.
+
+    Checks: no 5xx, every status and content type documented, every response body matching its schema. Returns the
+    operations fuzzed; raises on the first failing case.
+    """
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks: list[Any] = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
+    fuzzed = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(
+                max_examples=max_examples,
+                deadline=None,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            def run_case(case: Any) -> None:
+                response = case.call(base_url=base_url, headers=headers, timeout=30)
+                case.validate_response(response, checks=checks)
+
+            try:
+                run_case()
+            except Unsatisfiable:
+                if mode is schemathesis.GenerationMode.POSITIVE:
+                    raise
+                # an operation without parameters or body has no invalid input to generate
+        fuzzed.append(operation.label)
+    return fuzzed
