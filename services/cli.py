@@ -63,6 +63,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "bench":
+        # Benchmarks own their flags: ddpo bench {sampler,learner,data-plane,weights,e2e,latency-hiding,...}
+        from bench.cli import main as bench_main
+
+        bench_main(argv[1:])
+        return
     if argv and argv[0] == "serve":
         # Reward servers own their flags (and read environment variables through pydantic-settings).
         from reward_servers.serve import main as serve_main
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_eval(sub)
     _add_report(sub)
     sub.add_parser("serve", help="run a reward server: ddpo serve {jpeg,aesthetic,llava,bertscore} --help")
+    sub.add_parser("bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15]")
     args = parser.parse_args(argv)
     if args.command == "train":
         from services.config import ConfigError

@@ -1,0 +1,239 @@
+"""Sampler throughput: the recording sampling loop vs a bare CFG UNet loop, and the fast path vs eager.
+
+    python -m bench.sampler [--preset tiny|sd15] [--batch B] [--steps T] [--rounds R] [--fast default|none|k=v,...]
+
+Prints one JSON line. Four loops, each timed on whole batches (prompts in, images out):
+- recording: `actors.sampler.Sampler.sample` -- what an actor runs: `services.diffusion.sample_trajectory`, CFG
+  DDIM with eta, the exact log-prob of every step (`ddim_step_with_logprob`), all T+1 latents kept, images decoded.
+- bare: the same batch, prompts, text encoding, T CFG UNet forwards (`guided_noise_pred`), T steps of diffusers'
+  own `DDIMScheduler.step` (same eta) and VAE decode, recording nothing: a plain diffusers sampler.
+- unet_only: the T CFG UNet forwards alone (no scheduler math, no text encoder, no VAE): the UNet's ceiling.
+- fast: `recording` on its own copy of the pipeline with a fast path (`performance.*` switches and a weight
+  dtype; default on a GPU: bf16 weights + bf16 autocast + torch.compile + channels-last).
+
+`ratio` = recording / bare images/s: the overhead of log-probs and trajectory recording (acceptance: >= 0.90).
+`fast_vs_eager` = fast / recording images/s (GPU acceptance: >= 1.4 against the fp16 eager baseline). The loops run
+in alternating rounds so that drift on a shared machine hits all alike; rates are total images / total seconds and
+each ratio is the median of its per-round ratios. The UNet carries the LoRA that actors sample with. On a CPU the
+benchmarks use one torch thread unless --threads says otherwise, as the quickstart's actors do
+(`cluster.torch_threads: 1`): on a shared 2-core host, 2 OpenMP threads slow down many-fold whenever other work runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from actors.sampler import Sampler
+from bench.sd15 import (
+    DTYPES,
+    PRESETS,
+    FastPath,
+    build_pipeline,
+    default_dtype,
+    fast_path_unsupported,
+    machine,
+    matmul_flags,
+    parse_fast,
+    resolve_device,
+    spec_of,
+    synchronize,
+    tf32_flags,
+)
+from services import models
+from services.config import TrainConfig, build_config
+from services.diffusion import decode_latents, encode_prompts, guided_noise_pred
+
+PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
+
+
+def make_config(
+    args: argparse.Namespace, device: torch.device, dtype: str, performance: dict | None
+) -> TrainConfig:
+    """The TrainConfig an actor would get for this workload (the pipeline itself is passed in, not loaded)."""
+    tree = {
+        "seed": 0,
+        "model": {"pretrained": f"bench:{args.preset}", "dtype": dtype, "device": str(device)},
+        "lora": {"rank": args.lora_rank},
+        "sampling": {
+            "num_steps": args.steps,
+            "batch_size": args.batch,
+            "guidance_scale": args.guidance,
+            "eta": 1.0,
+            "resolution": args.resolution,
+        },
+        "training": {"batch_size": args.batch, "gradient_accumulation_steps": 1},
+        "prompts": {"set": "list", "items": PROMPTS},
+    }
+    if performance:
+        tree["performance"] = performance
+    return build_config(tree)
+
+
+def make_sampler(
+    args: argparse.Namespace, device: torch.device, dtype: str, fast: FastPath | None
+) -> Sampler:
+    """An `actors.sampler.Sampler` on a fresh pipeline of the preset, with the LoRA (and fast path) applied."""
+    cfg = make_config(args, device, dtype, fast.performance if fast else None)
+    pipe = build_pipeline(args.preset, device, DTYPES[dtype], seed=0)
+    models.add_lora(pipe.unet, cfg.lora, seed=0)
+    if fast is not None:
+        models.apply_fast_paths(pipe, cfg.performance)
+    return Sampler(cfg, pipeline=pipe)
+
+
+@torch.no_grad()
+def bare_loop(sampler: Sampler, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+    """T CFG forwards + diffusers' DDIMScheduler.step + decode; nothing recorded. Returns images [B, 3, H, W]."""
+    pipe, s = sampler.pipe, sampler.cfg.sampling
+    unet, scheduler = pipe.unet, pipe.scheduler
+    embeds = encode_prompts(pipe, prompts).to(unet.dtype)  # [B, L, D]
+    negative = encode_prompts(pipe, [s.negative_prompt]).to(unet.dtype).expand_as(embeds)
+    scheduler.set_timesteps(s.num_steps, device=unet.device)
+    side = s.resolution // pipe.vae_scale_factor
+    latents = torch.randn(
+        (len(prompts), unet.config.in_channels, side, side), generator=generator, device=unet.device
+    ).to(unet.dtype)  # [B, C, h, w]
+    for t in scheduler.timesteps:
+        eps = guided_noise_pred(unet, latents, t, embeds, negative, s.guidance_scale)
+        latents = scheduler.step(eps, t, latents, eta=s.eta, generator=generator).prev_sample
+    return decode_latents(pipe, latents)
+
+
+@torch.no_grad()
+def unet_only_loop(sampler: Sampler, embeds: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The T CFG UNet forwards of a batch and nothing else. embeds [B, L, D], latents [B, C, h, w]."""
+    s = sampler.cfg.sampling
+    scheduler = sampler.pipe.scheduler
+    scheduler.set_timesteps(s.num_steps, device=latents.device)
+    eps = latents
+    for t in scheduler.timesteps:
+        eps = guided_noise_pred(sampler.pipe.unet, latents, t, embeds, embeds, s.guidance_scale)
+    return eps
+
+
+def timed(fn: Callable[[], object], iters: int, device: torch.device, flags: tuple[bool, bool]) -> float:
+    """Seconds for `iters` calls of fn under TF32 `flags`, with the device's queue drained before and after."""
+    with matmul_flags(flags):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="eager weights (fp16 GPU, fp32 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (preset default)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (preset default)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (preset default)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (> 1: two UNet branches per step)")
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (5 tiny, 3 sd15)")
+    p.add_argument("--iters", type=int, default=None, help="batches per loop per round (2 tiny, 1 sd15)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches per loop first (compile, caches)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: 1 on CPU)")
+    p.add_argument(
+        "--fast", default="default", help="fast path: default, none, or k=v,... (dtype, performance.*)"
+    )
+    args = p.parse_args(argv)
+    shapes = PRESETS[args.preset]
+    args.batch = args.batch or shapes.batch_size
+    args.steps = args.steps or shapes.num_steps
+    args.resolution = args.resolution or shapes.resolution
+    args.rounds = args.rounds or (5 if args.preset == "tiny" else 3)
+    args.iters = args.iters or (2 if args.preset == "tiny" else 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    dtype = args.dtype or default_dtype(device)
+    fast = parse_fast(args.fast, device, dtype)
+    why_no_fast = fast_path_unsupported() if fast is not None else "disabled with --fast none"
+    if why_no_fast:
+        fast = None
+
+    eager = make_sampler(args, device, dtype, None)
+    eager_flags = tf32_flags()
+    fast_sampler = make_sampler(args, device, fast.dtype, fast) if fast is not None else None
+    fast_flags = tf32_flags()  # apply_fast_paths may have allowed TF32 process-wide
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    generator = torch.Generator(device).manual_seed(0)
+    embeds = encode_prompts(eager.pipe, prompts).to(eager.pipe.unet.dtype)  # [B, L, D]
+    side = args.resolution // eager.pipe.vae_scale_factor
+    latents = torch.randn((args.batch, 4, side, side), generator=generator, device=device).to(embeds.dtype)
+    # [B, C, h, w]
+
+    loops: dict[str, Callable[[], object]] = {
+        "recording": lambda: eager.sample(prompts),
+        "bare": lambda: bare_loop(eager, prompts, generator),
+        "unet_only": lambda: unet_only_loop(eager, embeds, latents),
+    }
+    if fast_sampler is not None:
+        loops["fast"] = lambda: fast_sampler.sample(prompts)
+    flags = {name: fast_flags if name == "fast" else eager_flags for name in loops}
+    for name, fn in loops.items():
+        timed(fn, args.warmup, device, flags[name])
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    order = list(loops)
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            seconds[name].append(timed(loops[name], args.iters, device, flags[name]))
+
+    images = args.batch * args.iters * args.rounds
+    rate = {name: images / sum(s) for name, s in seconds.items()}
+
+    def median_ratio(ours: str, base: str) -> float:
+        return round(statistics.median(b / o for o, b in zip(seconds[ours], seconds[base], strict=True)), 3)
+
+    result = {
+        "bench": "sampler",
+        "config": {
+            "preset": args.preset,
+            "batch": args.batch,
+            "steps": args.steps,
+            "resolution": args.resolution,
+            "guidance_scale": args.guidance,
+            "eta": 1.0,
+            "lora_rank": args.lora_rank,
+            "eager_dtype": dtype,
+            "fast": spec_of(fast),
+            "rounds": args.rounds,
+            "iters_per_round": args.iters,
+            "warmup": args.warmup,
+        },
+        "machine": machine(device),
+        "recording_images_per_s": round(rate["recording"], 3),
+        "bare_images_per_s": round(rate["bare"], 3),
+        "unet_only_images_per_s": round(rate["unet_only"], 3),
+        "ratio_vs_unet_only": median_ratio("recording", "unet_only"),
+        "fast_path": None,
+        "fast_vs_eager": None,
+        "ratio": median_ratio("recording", "bare"),
+        "round_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
+    }
+    if fast_sampler is not None:
+        result["fast_path"] = spec_of(fast)
+        result["fast_images_per_s"] = round(rate["fast"], 3)
+        result["fast_vs_eager"] = median_ratio("fast", "recording")
+    else:
+        result["fast_path_note"] = why_no_fast
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Model presets of the benchmarks: `tiny` (the CPU test model) and `sd15` (SD 1.5's architecture, random weights).
+
+`sd15` is built from SD 1.5's published configs in code, with no download, so its cost is the real model's:
+
+| part         | config                                                                      | parameters |
+| ------------ | --------------------------------------------------------------------------- | ---------- |
+| UNet         | block_out_channels (320, 640, 1280, 1280), 2 layers/block, cross-attn 768   | 859.5 M    |
+| text encoder | CLIP ViT-L/14 text tower: 12 layers, width 768, 77 tokens, quick_gelu       | 123.1 M    |
+| VAE          | block_out_channels (128, 256, 512, 512), 2 layers/block, latent 4, f = 8    | 83.7 M     |
+| scheduler    | DDIM, scaled-linear betas 0.00085 -> 0.012, leading spacing, steps_offset 1 | -          |
+
+The tokenizer is the tiny model's character-level CLIP tokenizer: prompts are padded to 77 tokens either way, so
+the text encoder's cost is SD's. Also shared by the benchmarks: `machine()` (where a benchmark ran, one JSON
+object) and `parse_fast` (the `--fast` spec of the fast path that the sampler and learner benchmarks compare with
+their eager baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import diffusers
+import torch
+import yaml
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from services.tiny_models import _tiny_tokenizer, build_tiny_sd_pipeline
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Default workload of a preset (every benchmark can override each field)."""
+
+    resolution: int  # image side in pixels (latents are resolution / 8)
+    num_steps: int  # DDIM steps T
+    batch_size: int  # images per sampler batch / samples per learner epoch
+
+
+PRESETS: dict[str, Shapes] = {
+    "tiny": Shapes(resolution=64, num_steps=20, batch_size=8),
+    "sd15": Shapes(resolution=512, num_steps=50, batch_size=8),  # the paper's SD 1.5 setting
+}
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=0,  # the tiny tokenizer's special ids
+    eos_token_id=1,
+    pad_token_id=1,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> str:
+    """The eager baseline's weight dtype: fp16 on a GPU (the issue's "fp16 eager"), fp32 on a CPU."""
+    return "float16" if device.type == "cuda" else "float32"
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warning on `.to(dtype)` of a model not made by from_pretrained (ours have no fp32-only
+    modules)."""
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+
+
+def build_sd15_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> StableDiffusionPipeline:
+    """SD 1.5's architecture with random weights, created directly on `device` (no host round trip on a GPU)."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    with torch.device(device), _quiet_diffusers():
+        unet = UNet2DConditionModel(**SD15_UNET).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(dtype)
+        vae = AutoencoderKL(**SD15_VAE).to(dtype)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_pipeline(
+    preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> StableDiffusionPipeline:
+    """A frozen, eval-mode pipeline of `preset` on `device` in `dtype` (attach a LoRA with services.models)."""
+    if preset == "sd15":
+        pipe = build_sd15_pipeline(device, dtype, seed)
+    elif preset == "tiny":
+        with _quiet_diffusers():
+            pipe = build_tiny_sd_pipeline(seed).to(device, dtype)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False).eval()
+    return pipe
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall clock read after it measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device | None = None) -> dict:
+    """Where a benchmark ran: host, library versions and, on a GPU, the card."""
+    info = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the host while the benchmark ran
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device": str(device) if device is not None else "cpu",
+    }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "gpu_memory_GiB": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
+    return info
+
+
+# ---- the fast path each benchmark compares with its eager baseline --------------------------------------------------
+# Per device type: the base weights' dtype plus `performance.*` switches of TrainConfig (services.config).
+DEFAULT_FAST = {
+    "cuda": "dtype=bfloat16,autocast=bf16,compile_unet=true,channels_last=true,fused_adamw=true",
+    "cpu": "compile_unet=true",  # measured on the tiny model: bf16 autocast is slower there, channels-last even
+}
+
+
+@dataclass(frozen=True)
+class FastPath:
+    dtype: str  # base weight dtype, a key of DTYPES
+    performance: dict  # TrainConfig.performance fields
+
+
+def fast_path_unsupported() -> str | None:
+    """Why this checkout cannot run a fast path (no `performance` config or no services.models.apply_fast_paths),
+    or None when it can."""
+    from services import models
+    from services.config import TrainConfig
+
+    if "performance" not in TrainConfig.model_fields:
+        return "services.config.TrainConfig has no `performance` section"
+    if not hasattr(models, "apply_fast_paths") or not hasattr(models, "autocast"):
+        return "services.models has no apply_fast_paths/autocast"
+    return None
+
+
+def parse_fast(spec: str, device: torch.device, eager_dtype: str) -> FastPath | None:
+    """`--fast`: 'none', 'default' (DEFAULT_FAST for the device) or 'key=value,...' with `dtype` and any
+    `performance.*` field, e.g. 'dtype=bfloat16,autocast=bf16,compile_unet=true'."""
+    if spec == "none":
+        return None
+    if spec == "default":
+        spec = DEFAULT_FAST["cuda" if device.type == "cuda" else "cpu"]
+    fields = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--fast expects key=value pairs, got {item!r}")
+        fields[key.strip()] = yaml.safe_load(value)
+    dtype = fields.pop("dtype", eager_dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"--fast dtype={dtype!r}: choose from {sorted(DTYPES)}")
+    return FastPath(dtype=dtype, performance=fields)
+
+
+def spec_of(fast: FastPath | None) -> str | None:
+    """FastPath -> the `--fast` spec string that recreates it (for the JSON config)."""
+    if fast is None:
+        return None
+
+    def text(value: object) -> str:  # YAML scalars, as parse_fast reads them
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return ",".join([f"dtype={fast.dtype}", *(f"{k}={text(v)}" for k, v in fast.performance.items())])
+
+
+@contextlib.contextmanager
+def matmul_flags(flags: tuple[bool, bool]) -> Iterator[None]:
+    """Run with (cuda.matmul.allow_tf32, cudnn.allow_tf32) = flags: `apply_fast_paths` sets them process-wide, and
+    the eager baseline in the same process must run with the flags it had before."""
+    saved = tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
