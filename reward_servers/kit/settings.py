@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -56,6 +56,13 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
     )
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        """DDPO_REWARD_AUTH_TOKEN="" (as compose passes an unset variable) means no auth, explicitly."""
+        return None if value == "" else value
+
     access_log: bool = Field(True, description="log one line per HTTP request")
 
 
