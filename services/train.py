@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -221,7 +223,14 @@ def train(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     return run_distributed(cfg, run_dir, progress=progress)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (e.g. `kill`, a container stop) unwinds like Ctrl-C: actors, servers, Redis and Ray are stopped."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main_from_args(args: argparse.Namespace) -> None:
+    _exit_on_sigterm()
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
