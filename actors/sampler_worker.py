@@ -23,8 +23,7 @@ import torch
 
 from actors.reward_client import RewardRequestError, SyncRewardClient
 from actors.sampler import Sampler
-from learner.learner_worker import quiet_model_loading
-from services.config import TrainConfig
+from learner.learner_worker import worker_config
 from services.images import tensor_to_pil
 from services.infra import redis_client
 from services.streams import Backpressure, TrajectoryStream, WeightChannel, WeightSubscriber
@@ -56,10 +55,7 @@ class SamplerWorker:
     def __init__(
         self, cfg_json: str, run_id: str, redis_url: str, actor_id: str, replicas: dict[str, list[str]]
     ) -> None:
-        self.cfg = cfg = TrainConfig.model_validate_json(cfg_json)
-        quiet_model_loading()
-        if cfg.cluster.torch_threads:
-            torch.set_num_threads(cfg.cluster.torch_threads)
+        self.cfg = cfg = worker_config(cfg_json)
         self.actor_id = actor_id
         self.run_id = run_id
         self.keys = run_keys(run_id)

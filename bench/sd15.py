@@ -29,7 +29,8 @@ import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from services.tiny_models import _tiny_tokenizer, build_tiny_sd_pipeline
+from services.models import resolve_device  # noqa: F401  (re-exported for the benchmarks)
+from services.tiny_models import SD1_SCHEDULER, _tiny_tokenizer, build_tiny_sd_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,21 +93,7 @@ SD15_VAE = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+SD15_SCHEDULER = SD1_SCHEDULER
 
 
 def default_dtype(device: torch.device) -> str:

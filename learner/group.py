@@ -120,13 +120,9 @@ class LearnerRank:
     def run(self) -> int:
         """Returns the number of epochs trained."""
         from learner.learner import Learner
-        from learner.learner_worker import quiet_model_loading
-        from services.config import TrainConfig
+        from learner.learner_worker import worker_config
 
-        cfg = TrainConfig.model_validate_json(self.cfg_json)
-        quiet_model_loading()
-        if cfg.cluster.torch_threads:
-            torch.set_num_threads(cfg.cluster.torch_threads)
+        cfg = worker_config(self.cfg_json)
         group = LearnerGroup(self.rank, self.world_size, self.master)
         epochs = 0
         try:

@@ -71,6 +71,15 @@ def quiet_model_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def worker_config(cfg_json: str) -> TrainConfig:
+    """A Ray worker's config from the driver's JSON; also quiets model loading and sets the torch threads."""
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    quiet_model_loading()
+    if cfg.cluster.torch_threads:
+        torch.set_num_threads(cfg.cluster.torch_threads)
+    return cfg
+
+
 class EpochRecorder:
     """What an epoch leaves in the run directory besides checkpoints: the metrics row, the sample grid, held-out
     evaluation, curves, TensorBoard; and report.html at the end."""
@@ -163,10 +172,7 @@ class LearnerWorker:
         replicas: dict[str, list[str]] | None = None,
         world_size: int = 1,
     ) -> None:
-        self.cfg = cfg = TrainConfig.model_validate_json(cfg_json)
-        quiet_model_loading()
-        if cfg.cluster.torch_threads:
-            torch.set_num_threads(cfg.cluster.torch_threads)
+        self.cfg = cfg = worker_config(cfg_json)
         self.world_size = world_size
         self.group = None
         self.replicas = replicas or {}

@@ -17,6 +17,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 TINY_RESOLUTION = 64  # pixels; latents are 4 x 8 x 8
+# SD 1.x's noise schedule (scaled-linear betas, leading spacing, offset 1), for every model built from configs
+SD1_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def _tiny_tokenizer() -> CLIPTokenizer:
@@ -70,15 +80,7 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         norm_num_groups=4,
         sample_size=TINY_RESOLUTION,
     )
-    # SD 1.x's scheduler settings (scaled-linear betas, leading spacing, offset 1).
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD1_SCHEDULER)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
