@@ -113,10 +113,7 @@ class Chaos(threading.Thread):
                 if rows >= self.after_rows:
                     break
                 time.sleep(0.2)
-            run_id = json.loads((self.run_dir / "run.json").read_text())["run_id"]
-            r = redis.Redis.from_url(REDIS_URL)
-            pids = {k.decode(): int(v) for k, v in r.hgetall(f"ddpo:{run_id}:pids").items()}
-            self.action(pids)
+            self.action(current_pids(self.run_dir))
         except BaseException as e:  # surfaced by the test
             self.error = e
         finally:
@@ -140,16 +137,22 @@ def current_pids(run_dir: Path) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(f"ddpo:{run_id}:pids").items()}
 
 
+def kill9(actor_id: str, killed: dict[str, int]) -> Callable[[dict[str, int]], None]:
+    """A chaos action: SIGKILL the actor's process, remembering its pid in `killed`."""
+
+    def action(pids: dict[str, int]) -> None:
+        killed["pid"] = pids[actor_id]
+        os.kill(pids[actor_id], signal.SIGKILL)
+
+    return action
+
+
 @pytest.mark.timeout(600)
 def test_killed_sampling_actor_is_restarted_and_nothing_is_lost(tiny_sd_path, tmp_path, redis_keys_cleanup):
     cfg = dist_config(tiny_sd_path)
     killed: dict[str, int] = {}
-
-    def kill_sampler(pids: dict[str, int]) -> None:
-        killed["pid"] = pids["sampler-0"]
-        os.kill(pids["sampler-0"], signal.SIGKILL)
-
-    run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=kill_sampler)
+    action = kill9("sampler-0", killed)
+    run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=action)
     check_ledger(run_dir, cfg.num_epochs)
     assert current_pids(run_dir)["sampler-0"] != killed["pid"], "Ray did not restart the sampling actor"
 
@@ -158,13 +161,9 @@ def test_killed_sampling_actor_is_restarted_and_nothing_is_lost(tiny_sd_path, tm
 def test_killed_learner_resumes_from_its_checkpoint(tiny_sd_path, tmp_path, redis_keys_cleanup):
     cfg = dist_config(tiny_sd_path)
     killed: dict[str, int] = {}
-
-    def kill_learner(pids: dict[str, int]) -> None:
-        killed["pid"] = pids["learner-0"]
-        os.kill(pids["learner-0"], signal.SIGKILL)
-
     # after 3 rows: epochs 0-1 are checkpointed, epoch 2 is not: it is replayed from the un-acknowledged entries
-    run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=3, action=kill_learner)
+    action = kill9("learner-0", killed)
+    run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=3, action=action)
     check_ledger(run_dir, cfg.num_epochs)
     assert current_pids(run_dir)["learner-0"] != killed["pid"], "the learner was not restarted"
     assert (run_dir / "checkpoints" / "epoch_0005" / "lora" / "pytorch_lora_weights.safetensors").exists()
