@@ -1,23 +1,25 @@
-"""docker-compose.yml as local processes: the compose-equivalent cluster that tests/test_deploy.py brings up.
+"""docker-compose.yml as local processes on two test hosts: the compose-equivalent cluster of tests/test_deploy.py.
 
 No Docker engine runs here, so each service's container becomes a process started from what the compose file says,
 after `docker-compose config` has rendered it with a local env file. The mapping from a container to a process:
 
-- Variables: the env file is `.env.example` with some values replaced in place (tiny models, CPU, free ports,
-  DDPO_HEAD_HOST=127.0.0.1), so every `${VAR}` takes its local value exactly as compose gives it on a host.
-- Published ports: a service publishing `host_ip:P -> T` listens on host_ip:P itself. T is replaced by P in its
-  command, environment and healthcheck, and 0.0.0.0 by host_ip (Redis, which binds everything by default, also gets
-  `--bind host_ip`). Services with `network_mode: host` (Ray) take their ports from compose variables already.
-- Ray: `ray start` replaces a --node-ip-address of 127.0.0.1 by the machine's address and then listens on every
-  interface; only Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set here for Ray services) keeps
-  every Ray socket on loopback, and that mode refuses a second node. So the head runs alone and `ray-worker` is
-  represented by the head's own resources (RAY_HEAD_NUM_CPUS in the local env file); the test checks the worker's
-  command and healthcheck against that head instead of starting it.
+- Hosts: the README's two GPU hosts are two network namespaces joined by one veth link (`HostPair`): host A
+  (10.231.0.1) runs redis, the reward servers and ray-head, host B (10.231.0.2) runs ray-worker, each from its own
+  env file, as an operator would write them. The namespaces have no route to anything else, so whatever listens
+  there (Ray binds every interface of its host) is reachable from the two test hosts only, never from the machine's
+  own network. Creating them needs root and iproute2 (`netns_unavailable` says why not).
+- Variables: each host's env file is `.env.example` with some values replaced in place (tiny models, CPU, free
+  ports, the two hosts' addresses), so every `${VAR}` takes its local value exactly as compose gives it on a host.
+- Published ports: a service publishing `host_ip:P -> T` listens on P itself, since the services of one host share
+  its namespace where each container had its own: T is replaced by P in its command, environment and healthcheck.
+  A container's 0.0.0.0 stays 0.0.0.0 (every interface of its test host), and Redis gets `--protected-mode no`,
+  which the official image compiles in. Services with `network_mode: host` (Ray) take their ports from compose
+  variables already.
 - Volumes: `source:target` becomes a directory under the test's tmp dir; paths under `target` point there. The
   image's working directory /app is the repository (the image holds a copy of it), and the image's `ENV` lines from
   deploy/Dockerfile are part of every ddpo process's environment.
 - Executables (`python`, `ddpo`, `ray`, `redis-server`, `redis-cli`) come from this virtual environment.
-- Healthchecks run as their test command with the service's environment and working directory.
+- Healthchecks run as their test command with the service's environment and working directory, on its host.
 
 Every process carries a marker variable in its environment, which every descendant inherits (Ray's raylet, its
 workers, job drivers): `stop_all` ends the processes it started and then sweeps /proc for that marker, so it never
@@ -27,15 +29,17 @@ touches Ray or Redis processes that somebody else started on this machine (`ray 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,130 @@ VENV_BIN = Path(sys.executable).parent
 IMAGE_WORKDIR = "/app"  # WORKDIR of deploy/Dockerfile
 REDIS_WORKDIR = "/data"  # WORKDIR of the official redis image
 MARKER_VAR = "DDPO_DEPLOY_TEST_MARKER"
+
+
+NETNS_PREFIX = "ddpo-test-"
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class HostPair:
+    """Two test hosts: network namespaces joined by a veth link on 10.231.0.0/24, with no other route."""
+
+    head_ns: str
+    worker_ns: str
+    head_ip: str = "10.231.0.1"
+    worker_ip: str = "10.231.0.2"
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+def netns_unavailable() -> str | None:
+    """Why test hosts cannot be made here (None: they can)."""
+    if shutil.which("ip") is None:
+        return "iproute2's `ip` is not installed"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    probe = f"{NETNS_PREFIX}probe-{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+    except RuntimeError as exc:
+        return str(exc)
+    _ip("netns", "del", probe)
+    return None
+
+
+def remove_stale_hosts() -> list[str]:
+    """Delete test namespaces that no process uses any more (left behind by a test run that was killed)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    removed = []
+    for name in (line.split()[0] for line in listing.splitlines() if line.startswith(NETNS_PREFIX)):
+        pids = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30
+        ).stdout
+        if not pids.strip():
+            _ip("netns", "del", name)
+            removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def host_pair(tag: str) -> Iterator[HostPair]:
+    """Create the two test hosts; delete them (and with them the link) on exit. Stop their processes first: a
+    namespace that a process still uses outlives `ip netns del` until that process ends."""
+    hosts = HostPair(head_ns=f"{NETNS_PREFIX}{tag}-a", worker_ns=f"{NETNS_PREFIX}{tag}-b")
+    created = []
+    try:
+        for ns in (hosts.head_ns, hosts.worker_ns):
+            _ip("netns", "add", ns)
+            created.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip(
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            hosts.head_ns,
+            "type",
+            "veth",
+            "peer",
+            "eth0",
+            "netns",
+            hosts.worker_ns,
+        )
+        for ns, addr in ((hosts.head_ns, hosts.head_ip), (hosts.worker_ns, hosts.worker_ip)):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+        yield hosts
+    finally:
+        for ns in created:
+            with contextlib.suppress(RuntimeError):
+                _ip("netns", "del", ns)
+
+
+def netns_inode(pid: int | str = "self") -> int:
+    """The network namespace a process is in (its inode number)."""
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` listens on, in its own network namespace (psutil reads
+    this process's namespace and misses sockets in another one)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        for row in rows:
+            (address, port), state, inode = row[1].split(":"), row[3], row[9]
+            if state == "0A" and inode in inodes:  # TCP_LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run this thread's network calls on a test host: sockets opened inside the block belong to namespace `name`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as own, open(f"/run/netns/{name}") as target:
+        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+        try:
+            yield
+        finally:
+            if libc.setns(own.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to this process's network namespace")
 
 
 def free_port() -> int:
@@ -132,15 +260,20 @@ class LocalService:
     cwd: Path
     healthcheck: list[str] | None
     log_path: Path
+    netns: str  # the test host it runs on
     depends_on: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+
+    def on_host(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run on this service's test host (`ip netns exec` execs it: the pid stays the command's)."""
+        return ["ip", "netns", "exec", self.netns, *argv]
 
     def start(self) -> None:
         self.cwd.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # Own session: the service and its children form one process group that stop() signals together.
             self.proc = subprocess.Popen(
-                self.argv,
+                self.on_host(self.argv),
                 cwd=self.cwd,
                 env=self.env,
                 stdout=log,
@@ -151,12 +284,21 @@ class LocalService:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
-    def check_health(self, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """A command in the service's container: its host, environment (plus `env`) and working directory."""
+        return subprocess.run(
+            self.on_host(argv), cwd=self.cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+
+    def check_health(
+        self, timeout_s: float = 30, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run the healthcheck's test command once, as the container would."""
         assert self.healthcheck is not None, f"{self.name} has no healthcheck"
-        return subprocess.run(
-            self.healthcheck, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout_s
-        )
+        return self.run(self.healthcheck, timeout_s, env)
 
     def wait_healthy(self, timeout_s: float) -> None:
         """Poll the healthcheck until it passes; raise with the log if the process exits or time runs out."""
@@ -223,7 +365,7 @@ def _healthcheck_argv(test: list[str] | str | None) -> list[str] | None:
 
 
 def local_service(
-    name: str, spec: dict[str, Any], *, volumes_root: Path, log_dir: Path, marker: str
+    name: str, spec: dict[str, Any], *, netns: str, volumes_root: Path, log_dir: Path, marker: str
 ) -> LocalService:
     """Map one rendered compose service to a local process (see the module docstring)."""
     is_redis = spec["image"].startswith("redis:")
@@ -241,39 +383,46 @@ def local_service(
     ports = []
     for port in spec.get("ports", []):
         published = str(port["published"]).split("-")[0]  # a range: the first port (one replica)
-        ports.append((int(port["target"]), published, port.get("host_ip") or "127.0.0.1"))
+        ports.append((int(port["target"]), published))
 
     def local(value: str) -> str:
         value = _replace_path(_unescape(value), ordered_paths)
-        for target, published, host_ip in ports:
+        for target, published in ports:
             value = _replace_port(value, target, published)
-            value = value.replace("0.0.0.0", host_ip)
         return value
 
     argv = [local(a) for a in spec["command"]]
     if is_redis:
-        argv += ["--bind", ports[0][2] if ports else "127.0.0.1"]
+        argv += ["--protected-mode", "no"]  # the official image's build default
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DDPO_"))}
     if not is_redis:
         env.update({k: local(v) for k, v in dockerfile_env().items()})
     env.update({k: local(v) for k, v in (spec.get("environment") or {}).items() if v is not None})
-    if argv[:2] == ["ray", "start"]:
-        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (see the module docstring)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     env[MARKER_VAR] = marker
     healthcheck = _healthcheck_argv((spec.get("healthcheck") or {}).get("test"))
     if healthcheck is not None:
         healthcheck = [local(a) for a in healthcheck]
     depends_on = sorted(spec.get("depends_on") or {})
-    return LocalService(name, argv, env, cwd, healthcheck, log_dir / f"{name}.log", depends_on)
+    return LocalService(name, argv, env, cwd, healthcheck, log_dir / f"{name}.log", netns, depends_on)
 
 
 def local_services(
-    config: dict[str, Any], *, volumes_root: Path, log_dir: Path, marker: str
+    config: dict[str, Any],
+    names: Sequence[str],
+    *,
+    netns: str,
+    volumes_root: Path,
+    log_dir: Path,
+    marker: str,
 ) -> dict[str, LocalService]:
+    """The services `names` of a rendered compose model, as processes on the test host `netns`."""
+    specs = config["services"]
     return {
-        name: local_service(name, spec, volumes_root=volumes_root, log_dir=log_dir, marker=marker)
-        for name, spec in config["services"].items()
+        name: local_service(
+            name, specs[name], netns=netns, volumes_root=volumes_root, log_dir=log_dir, marker=marker
+        )
+        for name in names
     }
 
 

