@@ -381,23 +381,15 @@ def _flag(argv: list[str], name: str) -> str:
 
 
 _NODES_SCRIPT = """
-import json, sys, time, ray
+import json, ray
 ray.init(logging_level="ERROR")
-deadline = time.monotonic() + float(sys.argv[2])
-while True:
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    if len(nodes) >= int(sys.argv[1]) or time.monotonic() > deadline:
-        break
-    time.sleep(0.5)
-print(json.dumps({n["NodeManagerAddress"]: [n["Alive"], n["Resources"].get("CPU", 0)] for n in nodes}))
+print(json.dumps({n["NodeManagerAddress"]: [n["Alive"], n["Resources"].get("CPU", 0)] for n in ray.nodes()}))
 """
 
 
-def _ray_nodes(head, gcs_address: str, wait_for: int, timeout_s: float = 90) -> dict[str, tuple[bool, float]]:
-    """Live Ray nodes by IP, as a driver on the head host sees them, once `wait_for` of them are alive (or after
-    `timeout_s`): {ip: (alive, CPUs)}."""
-    argv = ["python", "-c", _NODES_SCRIPT, str(wait_for), str(timeout_s)]
-    result = head.run(argv, timeout_s=timeout_s + 60, env={"RAY_ADDRESS": gcs_address})
+def _ray_nodes(head, gcs_address: str) -> dict[str, tuple[bool, float]]:
+    """Ray's nodes by IP as a driver on the head host sees them: {ip: (alive, CPUs)}."""
+    result = head.run(["python", "-c", _NODES_SCRIPT], timeout_s=120, env={"RAY_ADDRESS": gcs_address})
     assert result.returncode == 0, result.stderr[-3000:]
     return {ip: tuple(v) for ip, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
 
@@ -460,9 +452,6 @@ def local_cluster(tmp_path_factory):
         order: list[str] = []
         try:
             order = start_all(services, timeout_s=300)
-            # The worker's healthcheck reaches the head's GCS; wait for its node to have registered too.
-            head, worker = services["ray-head"], services["ray-worker"]
-            _ray_nodes(head, _flag(worker.argv, "address"), wait_for=2)
             yield dict(
                 services=services, order=order, token=token, root=root, marker=marker, hosts=hosts,
                 ray_tmp=ray_tmp,
@@ -501,11 +490,17 @@ def test_ray_worker_on_a_second_host_joins_the_head(local_cluster):
     assert _flag(worker.argv, "address") == f"{hosts.head_ip}:{_flag(head.argv, 'port')}"
     assert _flag(worker.argv, "node-ip-address") == hosts.worker_ip
     # The cluster as the head sees it: two live nodes, the worker's with CPUs for actors, the head's with none.
-    nodes = _ray_nodes(head, _flag(worker.argv, "address"), wait_for=2)
+    nodes = _ray_nodes(head, _flag(worker.argv, "address"))
     assert set(nodes) == {hosts.head_ip, hosts.worker_ip}
     assert nodes[hosts.head_ip] == (True, 0) and nodes[hosts.worker_ip][0] and nodes[hosts.worker_ip][1] >= 2
+    # The worker's healthcheck passed above; it fails with the wrong token (authentication is on) and for an address
+    # with no worker node (the head's node does not count).
     wrong_token = worker.check_health(timeout_s=60, env={"RAY_AUTH_TOKEN": "not-the-token"})
-    assert wrong_token.returncode != 0  # token authentication is on
+    assert wrong_token.returncode != 0 and "GCS" in wrong_token.stderr
+    assert worker.healthcheck.count(hosts.worker_ip) == 1
+    not_a_worker = [hosts.head_ip if arg == hosts.worker_ip else arg for arg in worker.healthcheck]
+    probe = worker.run(not_a_worker, timeout_s=60)
+    assert probe.returncode != 0 and f"no live worker node at {hosts.head_ip}" in probe.stderr, probe.stderr
 
 
 @pytest.mark.slow
