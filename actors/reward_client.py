@@ -21,17 +21,21 @@ import concurrent.futures
 import email.utils
 import itertools
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from PIL import Image
 
 from services.images import encode_image
+
+if TYPE_CHECKING:
+    from services.config import RewardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +458,17 @@ class SyncRewardClient:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=timeout_s)
             self._loop.close()
+
+    @classmethod
+    def from_config(cls, reward: RewardConfig, replicas: dict[str, list[str]]) -> SyncRewardClient:
+        """A client with the run's reward settings: timeout, retries, and the bearer token from the environment
+        variable `reward.auth_token_env` (unset or empty: no token)."""
+        return cls(
+            replicas,
+            timeout_s=reward.timeout_s,
+            max_retries=reward.max_retries,
+            auth_token=os.environ.get(reward.auth_token_env) or None,
+        )
 
     def __enter__(self) -> SyncRewardClient:
         return self

@@ -71,12 +71,7 @@ class SamplerWorker:
         self.weights = WeightSubscriber(WeightChannel(self.redis, run_id))
         self.sampler = Sampler(cfg, actor_id=actor_id)
         if cfg.reward.mode == "http":
-            self.client = SyncRewardClient(
-                replicas,
-                timeout_s=cfg.reward.timeout_s,
-                max_retries=cfg.reward.max_retries,
-                auth_token=os.environ.get(cfg.reward.auth_token_env) or None,
-            )
+            self.client = SyncRewardClient.from_config(cfg.reward, replicas)
             self.local_pool = None
         else:
             self.client = None

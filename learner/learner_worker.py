@@ -102,7 +102,7 @@ class EpochRecorder:
         if cfg.evaluation.every:
             needs_http = any(not n.startswith("jpeg") for n in eval_reward_names(cfg))
             if needs_http:
-                self.client = SyncRewardClient(replicas, timeout_s=cfg.reward.timeout_s)
+                self.client = SyncRewardClient.from_config(cfg.reward, replicas)
         self.score_fns = score_fns_for(cfg, self.client) if cfg.evaluation.every else {}
 
     def _eval_due(self, epoch: int) -> bool:

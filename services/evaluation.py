@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,12 +185,7 @@ def reward_client_for(cfg: TrainConfig) -> Any:
             "evaluation needs reward servers but reward.servers has no urls; "
             "add --set reward.servers.KIND.urls=[http://HOST:PORT]"
         )
-    return SyncRewardClient(
-        replicas,
-        timeout_s=cfg.reward.timeout_s,
-        max_retries=cfg.reward.max_retries,
-        auth_token=os.environ.get(cfg.reward.auth_token_env),
-    )
+    return SyncRewardClient.from_config(cfg.reward, replicas)
 
 
 # ---- `ddpo eval RUN_DIR` -------------------------------------------------------------------------------------------

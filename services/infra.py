@@ -113,9 +113,18 @@ def resolve_model_ref(model: str) -> str:
 
 
 class SpawnedServer:
-    """One reward server as a subprocess on 127.0.0.1 (`python -m reward_servers.serve KIND ...`)."""
+    """One reward server as a subprocess on 127.0.0.1 (`python -m reward_servers.serve KIND ...`); `stop()` always
+    ends it. Its output goes to `log_dir/reward-KIND.log` (appended: a resumed run keeps the earlier lines)."""
 
-    def __init__(self, kind: str, model: str | None, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        kind: str,
+        model: str | None,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        log_name: str | None = None,
+    ) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -133,23 +142,36 @@ class SpawnedServer:
             cmd += ["--model", resolve_model_ref(model)]
         cmd += args
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"reward-{kind}.log"
+        self.log_path = log_dir / (log_name or f"reward-{kind}.log")
         self._log = self.log_path.open("ab")
         logger.info("starting reward server %s at %s", kind, self.url)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
+        )
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_ready(self, timeout_s: float = 300.0) -> SpawnedServer:
+        """Poll /readyz until 200; raise with the end of the server's log if it exits or time runs out."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"reward server {self.kind} exited with {self.proc.returncode}; see {self.log_path}"
+                    f"reward server {self.kind} exited with {self.proc.returncode} ({self.log_path}):\n"
+                    f"{self.log_tail()}"
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
+                    return self
             time.sleep(0.2)
-        raise TimeoutError(f"reward server {self.kind} not ready after {timeout_s:.0f}s; see {self.log_path}")
+        raise TimeoutError(
+            f"reward server {self.kind} not ready after {timeout_s:.0f}s ({self.log_path}):\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:

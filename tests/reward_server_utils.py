@@ -4,77 +4,32 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.infra import SpawnedServer, free_port  # noqa: F401 (free_port: for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m reward_servers.serve KIND ...` as a child process on 127.0.0.1; `stop()` always ends it."""
+class ServerProcess(SpawnedServer):
+    """`python -m reward_servers.serve KIND FLAGS...` on 127.0.0.1 as the run driver spawns it, offline and without
+    access log, with a log file per server (a test may start several of one kind)."""
 
     def __init__(self, kind: str, *flags: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"{kind}-{self.port}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "reward_servers.serve",
-            kind,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        cmd += ["--access-log", "false", *flags]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+        name = f"{kind}-{len(list(log_dir.glob(f'{kind}-*.log')))}.log"
+        super().__init__(kind, None, ["--access-log", "false", *flags], log_dir, env=offline, log_name=name)
 
     def wait_ready(self, timeout_s: float = 120.0) -> ServerProcess:
-        """Poll /readyz until 200; raise with the server's log if it exits or takes too long."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().wait_ready(timeout_s)
+        return self
 
 
 def start_servers(*servers: ServerProcess) -> None:

@@ -266,6 +266,25 @@ def test_auth_token_is_sent(make_stub: Callable[..., Stub]) -> None:
     assert stub.calls[0][2]["authorization"] == "Bearer s3cret"
 
 
+def test_client_from_config_sends_the_token_of_the_configured_variable(
+    make_stub: Callable[..., Stub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every part of a run that scores over HTTP (sampling actors, the learner's evaluation, `ddpo eval`) builds its
+    client from the reward config: the token comes from `reward.auth_token_env`, retries and timeout from there."""
+    from services.config import RewardConfig
+
+    stub = make_stub(lambda path, body: {"scores": [1.0] * len(body["images"])})
+    reward = RewardConfig(name="aesthetic", mode="http", timeout_s=7.0, max_retries=1, auth_token_env="MY_TOKEN")
+    monkeypatch.setenv("MY_TOKEN", "s3cret")
+    with SyncRewardClient.from_config(reward, {"aesthetic": [stub.url]}) as client:
+        assert client.client.timeout_s == 7.0 and client.client.max_retries == 1
+        client.score("aesthetic", images(1), ["a"], [{}], timeout_s=10)
+    monkeypatch.setenv("MY_TOKEN", "")  # empty: no token, not "Bearer "
+    with SyncRewardClient.from_config(reward, {"aesthetic": [stub.url]}) as client:
+        client.score("aesthetic", images(1), ["a"], [{}], timeout_s=10)
+    assert [call[2].get("authorization") for call in stub.calls] == ["Bearer s3cret", None]
+
+
 def images(n: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
