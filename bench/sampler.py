@@ -23,56 +23,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from actors.sampler import Sampler
 from bench.sd15 import (
-    DTYPES,
     PRESETS,
+    PROMPTS,
     FastPath,
-    build_pipeline,
-    default_dtype,
-    fast_path_unsupported,
+    add_workload_args,
+    alternating_rounds,
     machine,
-    matmul_flags,
-    parse_fast,
-    resolve_device,
+    median_ratio,
+    pipeline_with_lora,
+    setup,
     spec_of,
-    synchronize,
     tf32_flags,
+    workload_config,
 )
-from services import models
-from services.config import TrainConfig, build_config
+from services.config import TrainConfig
 from services.diffusion import decode_latents, encode_prompts, guided_noise_pred
-
-PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
 
 
 def make_config(
     args: argparse.Namespace, device: torch.device, dtype: str, performance: dict | None
 ) -> TrainConfig:
     """The TrainConfig an actor would get for this workload (the pipeline itself is passed in, not loaded)."""
-    tree = {
-        "seed": 0,
-        "model": {"pretrained": f"bench:{args.preset}", "dtype": dtype, "device": str(device)},
-        "lora": {"rank": args.lora_rank},
-        "sampling": {
-            "num_steps": args.steps,
-            "batch_size": args.batch,
-            "guidance_scale": args.guidance,
-            "eta": 1.0,
-            "resolution": args.resolution,
-        },
-        "training": {"batch_size": args.batch, "gradient_accumulation_steps": 1},
-        "prompts": {"set": "list", "items": PROMPTS},
-    }
-    if performance:
-        tree["performance"] = performance
-    return build_config(tree)
+    training = {"batch_size": args.batch, "gradient_accumulation_steps": 1}
+    return workload_config(args, device, dtype, performance, batch_size=args.batch, training=training)
 
 
 def make_sampler(
@@ -80,11 +59,7 @@ def make_sampler(
 ) -> Sampler:
     """An `actors.sampler.Sampler` on a fresh pipeline of the preset, with the LoRA (and fast path) applied."""
     cfg = make_config(args, device, dtype, fast.performance if fast else None)
-    pipe = build_pipeline(args.preset, device, DTYPES[dtype], seed=0)
-    models.add_lora(pipe.unet, cfg.lora, seed=0)
-    if fast is not None:
-        models.apply_fast_paths(pipe, cfg.performance)
-    return Sampler(cfg, pipeline=pipe)
+    return Sampler(cfg, pipeline=pipeline_with_lora(args.preset, cfg, fast))
 
 
 @torch.no_grad()
@@ -117,39 +92,15 @@ def unet_only_loop(sampler: Sampler, embeds: torch.Tensor, latents: torch.Tensor
     return eps
 
 
-def timed(fn: Callable[[], object], iters: int, device: torch.device, flags: tuple[bool, bool]) -> float:
-    """Seconds for `iters` calls of fn under TF32 `flags`, with the device's queue drained before and after."""
-    with matmul_flags(flags):
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        synchronize(device)
-        return time.perf_counter() - t0
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="eager weights (fp16 GPU, fp32 CPU)")
+    add_workload_args(p)
     p.add_argument("--batch", type=int, default=None, help="images per batch (preset default)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (preset default)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (preset default)")
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (> 1: two UNet branches per step)")
-    p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (5 tiny, 3 sd15)")
     p.add_argument("--iters", type=int, default=None, help="batches per loop per round (2 tiny, 1 sd15)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per loop first (compile, caches)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: 1 on CPU)")
-    p.add_argument(
-        "--fast", default="default", help="fast path: default, none, or k=v,... (dtype, performance.*)"
-    )
     args = p.parse_args(argv)
-    shapes = PRESETS[args.preset]
-    args.batch = args.batch or shapes.batch_size
-    args.steps = args.steps or shapes.num_steps
-    args.resolution = args.resolution or shapes.resolution
+    args.batch = args.batch or PRESETS[args.preset].batch_size
     args.rounds = args.rounds or (5 if args.preset == "tiny" else 3)
     args.iters = args.iters or (2 if args.preset == "tiny" else 1)
     return args
@@ -157,14 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    dtype = args.dtype or default_dtype(device)
-    fast = parse_fast(args.fast, device, dtype)
-    why_no_fast = fast_path_unsupported() if fast is not None else "disabled with --fast none"
-    if why_no_fast:
-        fast = None
+    run = setup(args)
+    device, dtype, fast = run.device, run.dtype, run.fast
 
     eager = make_sampler(args, device, dtype, None)
     eager_flags = tf32_flags()
@@ -185,19 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     if fast_sampler is not None:
         loops["fast"] = lambda: fast_sampler.sample(prompts)
     flags = {name: fast_flags if name == "fast" else eager_flags for name in loops}
-    for name, fn in loops.items():
-        timed(fn, args.warmup, device, flags[name])
-    seconds: dict[str, list[float]] = {name: [] for name in loops}
-    order = list(loops)
-    for r in range(args.rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            seconds[name].append(timed(loops[name], args.iters, device, flags[name]))
-
+    seconds = alternating_rounds(
+        loops, flags, device, rounds=args.rounds, iters=args.iters, warmup=args.warmup
+    )
     images = args.batch * args.iters * args.rounds
     rate = {name: images / sum(s) for name, s in seconds.items()}
-
-    def median_ratio(ours: str, base: str) -> float:
-        return round(statistics.median(b / o for o, b in zip(seconds[ours], seconds[base], strict=True)), 3)
 
     result = {
         "bench": "sampler",
@@ -219,18 +156,18 @@ def main(argv: list[str] | None = None) -> dict:
         "recording_images_per_s": round(rate["recording"], 3),
         "bare_images_per_s": round(rate["bare"], 3),
         "unet_only_images_per_s": round(rate["unet_only"], 3),
-        "ratio_vs_unet_only": median_ratio("recording", "unet_only"),
+        "ratio_vs_unet_only": median_ratio(seconds, "recording", "unet_only"),
         "fast_path": None,
         "fast_vs_eager": None,
-        "ratio": median_ratio("recording", "bare"),
+        "ratio": median_ratio(seconds, "recording", "bare"),
         "round_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
     }
     if fast_sampler is not None:
         result["fast_path"] = spec_of(fast)
         result["fast_images_per_s"] = round(rate["fast"], 3)
-        result["fast_vs_eager"] = median_ratio("fast", "recording")
+        result["fast_vs_eager"] = median_ratio(seconds, "fast", "recording")
     else:
-        result["fast_path_note"] = why_no_fast
+        result["fast_path_note"] = run.why_no_fast
     print(json.dumps(result))
     return result
 

@@ -17,11 +17,15 @@ their eager baseline).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
-from collections.abc import Iterator
+import statistics
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import diffusers
 import torch
@@ -31,6 +35,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from services.models import resolve_device  # noqa: F401  (re-exported for the benchmarks)
 from services.tiny_models import SD1_SCHEDULER, _tiny_tokenizer, build_tiny_sd_pipeline
+
+if TYPE_CHECKING:
+    from services.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -252,3 +259,126 @@ def matmul_flags(flags: tuple[bool, bool]) -> Iterator[None]:
 
 def tf32_flags() -> tuple[bool, bool]:
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+# ---- the harness the sampler and learner benchmarks share ----------------------------------------------------------
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The flags both model benchmarks take: preset, device, eager dtype, shapes, LoRA, threads and `--fast`."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="eager weights (fp16 GPU, fp32 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps T (preset default)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (preset default)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (> 1: two UNet branches per step)")
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: 1 on CPU)")
+    p.add_argument(
+        "--fast", default="default", help="fast path: default, none, or k=v,... (dtype, performance.*)"
+    )
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: torch.device
+    dtype: str  # the eager baseline's weight dtype
+    fast: FastPath | None  # None: no fast path in this run, for the reason in `why_no_fast`
+    why_no_fast: str | None
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """Fill the preset's default shapes into `args`; pick the device, threads, eager dtype and fast path."""
+    shapes = PRESETS[args.preset]
+    args.steps = args.steps or shapes.num_steps
+    args.resolution = args.resolution or shapes.resolution
+    device = resolve_device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    dtype = args.dtype or default_dtype(device)
+    fast = parse_fast(args.fast, device, dtype)
+    why_no_fast = fast_path_unsupported() if fast is not None else "disabled with --fast none"
+    return Setup(device, dtype, None if why_no_fast else fast, why_no_fast)
+
+
+def pipeline_with_lora(preset: str, cfg: TrainConfig, fast: FastPath | None) -> StableDiffusionPipeline:
+    """A fresh pipeline of `preset` as `cfg.model` says (device, dtype), the LoRA of `cfg.lora` attached and, for a
+    fast path, `cfg.performance` applied."""
+    from services import models
+
+    pipe = build_pipeline(preset, torch.device(cfg.model.device), DTYPES[cfg.model.dtype], seed=0)
+    models.add_lora(pipe.unet, cfg.lora, seed=0)
+    if fast is not None:
+        models.apply_fast_paths(pipe, cfg.performance)
+    return pipe
+
+
+def alternating_rounds(
+    loops: dict[str, Callable[[], object]],
+    flags: dict[str, tuple[bool, bool]],
+    device: torch.device,
+    *,
+    rounds: int,
+    iters: int = 1,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Seconds per round of each loop: `warmup` untimed calls each, then `rounds` rounds of `iters` calls each,
+    in alternating order (A B, B A, ...) so that drift of the machine falls on both sides. Each loop runs under its
+    TF32 `flags`, with the device's queue drained before and after."""
+
+    def timed(name: str, n: int) -> float:
+        with matmul_flags(flags[name]):
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                loops[name]()
+            synchronize(device)
+            return time.perf_counter() - t0
+
+    for name in loops:
+        timed(name, warmup)
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    order = list(loops)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            seconds[name].append(timed(name, iters))
+    return seconds
+
+
+def median_ratio(seconds: dict[str, list[float]], ours: str, base: str) -> float:
+    """Median over rounds of base time / our time (> 1: ours is faster)."""
+    return round(statistics.median(b / o for o, b in zip(seconds[ours], seconds[base], strict=True)), 3)
+
+
+PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
+
+
+def workload_config(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: str,
+    performance: dict | None,
+    *,
+    batch_size: int,
+    **sections: dict,
+) -> TrainConfig:
+    """The TrainConfig of a benchmark's workload: the common flags (`add_workload_args`) with `batch_size` images
+    per sampling batch, the benchmark's own `sections` merged over them, and the fast path's `performance`."""
+    from services.config import build_config
+
+    tree: dict = {
+        "seed": 0,
+        "model": {"pretrained": f"bench:{args.preset}", "dtype": dtype, "device": str(device)},
+        "lora": {"rank": args.lora_rank},
+        "sampling": {
+            "num_steps": args.steps,
+            "batch_size": batch_size,
+            "guidance_scale": args.guidance,
+            "eta": 1.0,
+            "resolution": args.resolution,
+        },
+        "prompts": {"set": "list", "items": PROMPTS},
+    }
+    for name, fields in sections.items():
+        tree[name] = {**tree.get(name, {}), **fields}
+    if performance:
+        tree["performance"] = performance
+    return build_config(tree)
