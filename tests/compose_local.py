@@ -5,9 +5,11 @@ after `docker-compose config` has rendered it with a local env file. The mapping
 
 - Hosts: the README's two GPU hosts are two network namespaces joined by one veth link (`HostPair`): host A
   (10.231.0.1) runs redis, the reward servers and ray-head, host B (10.231.0.2) runs ray-worker, each from its own
-  env file, as an operator would write them. The namespaces have no route to anything else, so whatever listens
-  there (Ray binds every interface of its host) is reachable from the two test hosts only, never from the machine's
-  own network. Creating them needs root and iproute2 (`netns_unavailable` says why not).
+  env file, as an operator would write them. The README's one-host setup (DDPO_HEAD_HOST=127.0.0.1) is one
+  namespace with only its loopback, where every host name maps to 127.0.0.1. The namespaces have no route to
+  anything else, so whatever listens there (Ray binds every interface of its host) is reachable from the test
+  hosts only, never from the machine's own network. Creating them needs root and iproute2 (`netns_unavailable`
+  says why not).
 - Variables: each host's env file is `.env.example` with some values replaced in place (tiny models, CPU, free
   ports, the two hosts' addresses), so every `${VAR}` takes its local value exactly as compose gives it on a host.
 - Published ports: a service publishing `host_ip:P -> T` listens on P itself, since the services of one host share
@@ -60,12 +62,18 @@ CLONE_NEWNET = 0x40000000
 
 @dataclass(frozen=True)
 class HostPair:
-    """Two test hosts: network namespaces joined by a veth link on 10.231.0.0/24, with no other route."""
+    """Where the head host's and the worker host's services run: two network namespaces joined by a veth link on
+    10.231.0.0/24, or (`one_host`) a single namespace with only its loopback, for the README's one-host setup
+    (DDPO_HEAD_HOST=127.0.0.1). Neither has a route to anything else."""
 
     head_ns: str
     worker_ns: str
-    head_ip: str = "10.231.0.1"
-    worker_ip: str = "10.231.0.2"
+    head_ip: str
+    worker_ip: str
+
+    @property
+    def one_host(self) -> bool:
+        return self.head_ns == self.worker_ns
 
 
 def _ip(*args: str) -> None:
@@ -104,16 +112,24 @@ def remove_stale_hosts() -> list[str]:
 
 
 @contextlib.contextmanager
-def host_pair(tag: str) -> Iterator[HostPair]:
-    """Create the two test hosts; delete them (and with them the link) on exit. Stop their processes first: a
+def host_pair(tag: str, one_host: bool = False) -> Iterator[HostPair]:
+    """Create the test hosts; delete them (and with them the link) on exit. Stop their processes first: a
     namespace that a process still uses outlives `ip netns del` until that process ends."""
-    hosts = HostPair(head_ns=f"{NETNS_PREFIX}{tag}-a", worker_ns=f"{NETNS_PREFIX}{tag}-b")
+    if one_host:
+        ns = f"{NETNS_PREFIX}{tag}-1"
+        hosts = HostPair(head_ns=ns, worker_ns=ns, head_ip="127.0.0.1", worker_ip="127.0.0.1")
+    else:
+        a, b = f"{NETNS_PREFIX}{tag}-a", f"{NETNS_PREFIX}{tag}-b"
+        hosts = HostPair(head_ns=a, worker_ns=b, head_ip="10.231.0.1", worker_ip="10.231.0.2")
     created = []
     try:
-        for ns in (hosts.head_ns, hosts.worker_ns):
+        for ns in dict.fromkeys((hosts.head_ns, hosts.worker_ns)):
             _ip("netns", "add", ns)
             created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
+        if one_host:
+            yield hosts
+            return
         _ip(
             "link",
             "add",

