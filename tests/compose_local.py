@@ -1,4 +1,4 @@
-"""docker-compose.yml as local processes on two test hosts: the compose-equivalent cluster of tests/test_deploy.py.
+"""docker-compose.yml as local processes on test hosts: the compose-equivalent cluster of tests/test_deploy.py.
 
 No Docker engine runs here, so each service's container becomes a process started from what the compose file says,
 after `docker-compose config` has rendered it with a local env file. The mapping from a container to a process:
@@ -45,6 +45,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from services.infra import free_port  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -127,25 +129,16 @@ def host_pair(tag: str, one_host: bool = False) -> Iterator[HostPair]:
             _ip("netns", "add", ns)
             created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-        if one_host:
-            yield hosts
-            return
-        _ip(
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            hosts.head_ns,
-            "type",
-            "veth",
-            "peer",
-            "eth0",
-            "netns",
-            hosts.worker_ns,
-        )
-        for ns, addr in ((hosts.head_ns, hosts.head_ip), (hosts.worker_ns, hosts.worker_ip)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
+        if not one_host:  # the link: eth0 on each side
+            _ip(
+                *["link", "add", "eth0", "netns"],
+                hosts.head_ns,
+                *["type", "veth", "peer", "eth0", "netns"],
+                hosts.worker_ns,
+            )
+            for ns, addr in ((hosts.head_ns, hosts.head_ip), (hosts.worker_ns, hosts.worker_ip)):
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
         yield hosts
     finally:
         for ns in created:
@@ -192,12 +185,6 @@ def in_netns(name: str) -> Iterator[None]:
         finally:
             if libc.setns(own.fileno(), CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns back to this process's network namespace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def compose_executable() -> str:

