@@ -402,8 +402,21 @@ def _ray_nodes(head, gcs_address: str) -> dict[str, dict]:
     return {("head" if n.pop("head") else "worker"): n for n in nodes}
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """`ddpo tiny-models` once for both topologies."""
+    models = tmp_path_factory.mktemp("models")
+    subprocess.run(
+        [str(VENV_BIN / "ddpo"), "tiny-models", "--out", str(models)],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    return models
+
+
 @pytest.fixture(scope="module", params=["two-hosts", "one-host"])
-def local_cluster(request, tmp_path_factory):
+def local_cluster(request, tmp_path_factory, tiny_models):
     """The compose file's services as local processes on test hosts (tests/compose_local.py), all healthy.
     two-hosts: host A runs what `docker compose up -d` starts on the head host (Redis, the reward servers,
     ray-head), host B what `docker compose up -d --no-deps ray-worker` starts on a second GPU host. one-host: the
@@ -415,13 +428,7 @@ def local_cluster(request, tmp_path_factory):
         pytest.skip(f"the local cluster runs on network-namespace test hosts: {reason}")
     remove_stale_hosts()
     root = tmp_path_factory.mktemp("cluster")
-    models = root / "models"
-    subprocess.run(
-        [str(VENV_BIN / "ddpo"), "tiny-models", "--out", str(models)],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
+    models = tiny_models
     marker = uuid.uuid4().hex
     token = uuid.uuid4().hex
     # Short paths: Ray's socket paths under them must stay below 108 bytes. One per host (a container's own /tmp).
