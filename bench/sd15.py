@@ -25,7 +25,6 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import diffusers
 import torch
@@ -33,11 +32,10 @@ import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from services import models
+from services.config import TrainConfig, build_config
 from services.models import resolve_device  # noqa: F401  (re-exported for the benchmarks)
 from services.tiny_models import SD1_SCHEDULER, _tiny_tokenizer, build_tiny_sd_pipeline
-
-if TYPE_CHECKING:
-    from services.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -302,8 +300,6 @@ def setup(args: argparse.Namespace) -> Setup:
 def pipeline_with_lora(preset: str, cfg: TrainConfig, fast: FastPath | None) -> StableDiffusionPipeline:
     """A fresh pipeline of `preset` as `cfg.model` says (device, dtype), the LoRA of `cfg.lora` attached and, for a
     fast path, `cfg.performance` applied."""
-    from services import models
-
     pipe = build_pipeline(preset, torch.device(cfg.model.device), DTYPES[cfg.model.dtype], seed=0)
     models.add_lora(pipe.unet, cfg.lora, seed=0)
     if fast is not None:
@@ -362,8 +358,6 @@ def workload_config(
 ) -> TrainConfig:
     """The TrainConfig of a benchmark's workload: the common flags (`add_workload_args`) with `batch_size` images
     per sampling batch, the benchmark's own `sections` merged over them, and the fast path's `performance`."""
-    from services.config import build_config
-
     tree: dict = {
         "seed": 0,
         "model": {"pretrained": f"bench:{args.preset}", "dtype": dtype, "device": str(device)},
