@@ -13,7 +13,7 @@ import torch
 from services.config import TrainConfig
 from services.diffusion import sample_trajectory
 from services.images import tensor_to_pil
-from services.models import autocast, load_pipeline, load_policy_state_dict
+from services.models import DTYPES, autocast, load_pipeline, load_policy_state_dict
 from services.prompts import PromptSampler
 from services.rewards import LOCAL_REWARDS, RewardFn
 from services.trajectory import ScoredTrajectory, Trajectory, split_scored
@@ -70,6 +70,7 @@ class Sampler:
                 negative_prompt=s.negative_prompt,
                 generator=generator or self.generator,
                 resolution=s.resolution,
+                latent_dtype=DTYPES[self.cfg.cluster.latent_dtype],
             )
 
     def score(self, traj: Trajectory) -> tuple[torch.Tensor, dict]:

@@ -1,10 +1,14 @@
-"""The policy update: a batch of scored trajectories -> advantages -> DDPO-IS / DDPO-SF / RWR steps on the LoRA.
+"""The policy update: a batch of scored trajectories -> advantages -> DDPO-IS / DDPO-SF / RWR steps on the policy.
 
 Phases of `Learner.train_epoch` (read top to bottom):
-  1. ADVANTAGES  rewards -> per-prompt normalised, clipped advantages
+  1. ADVANTAGES  rewards -> per-prompt normalised, clipped advantages (and, for RWR, per-sample weights)
   2. SHUFFLE     samples across the batch, and each sample's timesteps independently
-  3. UPDATE      for every micro-batch and trained timestep: recompute log pi_theta, loss, backward;
-                 one optimizer step per (gradient_accumulation_steps micro-batches x trained timesteps)
+  3. UPDATE      for every micro-batch and trained timestep: the objective's loss, backward (loss-scaled when a
+                 float16 forward is trained); one optimizer step per (gradient_accumulation_steps micro-batches)
+  4. METRICS     loss, approx_kl, clipfrac and ratio (overall and per policy lag), gradient norm and scale
+
+The accumulation divisor is gradient_accumulation_steps x trained timesteps per sample: the gradient of one
+optimizer step is the mean over its samples and their trained timesteps.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
-from learner.losses import LossStats, ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_weights
+from learner.losses import LossStats, rwr_loss
+from learner.objectives import PolicyGradient, WeightedRegression, get_objective
+from learner.optim import ScaledOptimizer
 from services.config import TrainConfig
-from services.diffusion import encode_prompts, step_log_prob
+from services.diffusion import encode_prompts, guided_noise_pred, step_log_prob
 from services.models import (
     autocast,
     load_pipeline,
@@ -37,23 +43,73 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EpochBatch:
-    """A learner epoch's samples stacked on the training device."""
+    """A learner epoch's samples stacked on the training device (latents keep their recorded dtype)."""
 
-    latents: torch.Tensor  # [N, T+1, C, h, w]
+    latents: torch.Tensor  # [N, T+1, C, h, w] as sampled (cluster.latent_dtype)
     log_probs: torch.Tensor  # [N, T] float32, recorded by the sampler (the old policy)
     timesteps: torch.Tensor  # [N, T] long
     rewards: torch.Tensor  # [N] float32
     prompts: list[str]  # [N]
+    lags: torch.Tensor  # [N] long, learner version - sampling version (CPU)
 
     @classmethod
-    def stack(cls, batch: Sequence[ScoredTrajectory], device: torch.device, dtype: torch.dtype) -> EpochBatch:
+    def stack(
+        cls, batch: Sequence[ScoredTrajectory], device: torch.device, lags: Sequence[int] | None = None
+    ) -> EpochBatch:
         return cls(
-            latents=torch.stack([t.latents for t in batch]).to(device, dtype),
+            latents=torch.stack([t.latents for t in batch]).to(device),
             log_probs=torch.stack([t.log_probs for t in batch]).to(device, torch.float32),
             timesteps=torch.stack([t.timesteps for t in batch]).to(device, torch.long),
             rewards=torch.tensor([t.reward for t in batch], dtype=torch.float32, device=device),
             prompts=[t.prompt for t in batch],
+            lags=torch.tensor(list(lags) if lags is not None else [0] * len(batch), dtype=torch.long),
         )
+
+
+class PolicyStats:
+    """Sums of per-sample ratio statistics over an epoch, overall and by policy lag (one key set on every rank)."""
+
+    def __init__(self, lags: Sequence[int]) -> None:
+        self.groups = [""] + [f"_lag{int(lag)}" for lag in sorted(set(lags))]
+        self.sums = {f"{stat}{g}": 0.0 for g in self.groups for stat in ("n", "ratio", "clip", "kl")}
+        self.first_ratio: float | None = None
+
+    def add(self, stats: LossStats, lags: torch.Tensor) -> None:
+        """stats of one loss evaluation ([b] per sample); lags [b] of the same samples."""
+        if self.first_ratio is None:
+            self.first_ratio = stats.ratio_mean
+        ratio, clipped = stats.ratio.double().cpu(), stats.clipped.double().cpu()
+        kl = 0.5 * stats.log_ratio.double().cpu() ** 2
+        for group in self.groups:
+            mask = lags == int(group[4:]) if group else torch.ones_like(lags, dtype=torch.bool)
+            self.sums["n" + group] += float(mask.sum())
+            self.sums["ratio" + group] += float(ratio[mask].sum())
+            self.sums["clip" + group] += float(clipped[mask].sum())
+            self.sums["kl" + group] += float(kl[mask].sum())
+
+    def all_reduce(self) -> None:
+        """Sum over data-parallel ranks (each trained its share of the micro-batches)."""
+        keys = list(self.sums)
+        values = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        self.sums = dict(zip(keys, values.tolist(), strict=True))
+
+    def metrics(self) -> dict[str, float | None]:
+        """approx_kl (1/2 E[(log r)^2]), clipfrac, ratio_mean, ratio_first_step; clipfrac_lagK, ratio_mean_lagK."""
+        n = self.sums["n"]
+        out: dict[str, float | None] = {
+            "approx_kl": self.sums["kl"] / n if n else None,
+            "clipfrac": self.sums["clip"] / n if n else None,
+            "ratio_mean": self.sums["ratio"] / n if n else None,
+            # the first trained step of the epoch sees the weights that sampled (if the policy did not lag)
+            "ratio_first_step": self.first_ratio,
+        }
+        for group in self.groups[1:]:
+            count = self.sums["n" + group]
+            if count:
+                out[f"clipfrac{group}"] = self.sums["clip" + group] / count
+                out[f"ratio_mean{group}"] = self.sums["ratio" + group] / count
+        return out
 
 
 class Learner:
@@ -71,23 +127,18 @@ class Learner:
         # A private scheduler: the sampler may share the pipeline object and call set_timesteps itself.
         self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.scheduler.set_timesteps(cfg.sampling.num_steps)
+        self.objective = get_objective(cfg.training.objective)
         self.params = trainable_parameters(self.unet)
-        t = cfg.training
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay,
-            eps=t.adam_epsilon,
-            fused=cfg.performance.fused_adamw or None,
+        # data-parallel rank within an initialised torch.distributed group (1 rank otherwise)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.optim = ScaledOptimizer(
+            self.params, cfg, self.device, all_reduce=_all_reduce_gradients if self.world_size > 1 else None
         )
         self.stat_tracker = PerPromptStatTracker(cfg.stat_tracking.buffer_size, cfg.stat_tracking.min_count)
         self.policy_version = 0
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # shuffles samples and timesteps
         self._negative_embeds = encode_prompts(self.pipe, [cfg.sampling.negative_prompt]).to(self.unet.dtype)
-        # data-parallel rank within an initialised torch.distributed group (1 rank otherwise)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     # ---- 1. ADVANTAGES -------------------------------------------------------------------------------------------
     def compute_advantages(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
@@ -100,22 +151,30 @@ class Learner:
 
     # ---- 2. + 3. SHUFFLE and UPDATE --------------------------------------------------------------------------------
     def train_epoch(
-        self, batch: Sequence[ScoredTrajectory], progress: bool = False
+        self,
+        batch: Sequence[ScoredTrajectory],
+        progress: bool = False,
+        lags: Sequence[int] | None = None,
     ) -> dict[str, float | None]:
-        """One epoch of policy updates on `batch`; returns the epoch's training metrics."""
+        """One epoch of policy updates on `batch` (lags [N]: policy lag of each sample, for the per-lag metrics);
+        returns the epoch's training metrics."""
         cfg, t = self.cfg, self.cfg.training
         if len(batch) % t.batch_size:
             raise ValueError(
                 f"batch of {len(batch)} samples is not divisible by training.batch_size={t.batch_size}"
             )
-        data = EpochBatch.stack(batch, self.device, self.unet.dtype)
+        data = EpochBatch.stack(batch, self.device, lags)
         advantages = self.compute_advantages(data.prompts, data.rewards).to(self.device)
-        rwr_w = rwr_weights(data.rewards, t.rwr_temperature) if t.objective == "rwr" else None
+        weights = None
+        if isinstance(self.objective, WeightedRegression):
+            weights = self.objective.weights(data.rewards.cpu(), t).to(self.device)
         n, num_steps = data.log_probs.shape
         num_train_t = cfg.num_train_timesteps
-        stats: list[LossStats] = []
+        divisor = t.gradient_accumulation_steps * num_train_t
+        policy_stats = PolicyStats(data.lags.tolist())
         losses: list[float] = []
         grad_norms: list[float] = []
+        skipped_before = self.optim.skipped_steps
         # data parallelism: rank r takes micro-batches r, r + world, ...; gradients are summed over ranks before
         # each optimizer step, so N ranks take exactly the step one rank would (gradient_accumulation_steps % N == 0)
         rank, world = self.rank, self.world_size
@@ -137,45 +196,49 @@ class Learner:
             step_perm = torch.stack([torch.randperm(num_steps, generator=self.generator) for _ in range(n)])
             for mb in range(rank, num_mb, world):
                 idx = order[mb * t.batch_size : (mb + 1) * t.batch_size]
-                embeds = encode_prompts(self.pipe, [data.prompts[i] for i in idx.tolist()]).to(
-                    self.unet.dtype
-                )
+                prompts = [data.prompts[i] for i in idx.tolist()]
+                embeds = encode_prompts(self.pipe, prompts).to(self.unet.dtype)  # [b, L, D]
                 rows = idx.to(self.device)
                 for j in range(num_train_t):
-                    step = step_perm[idx, j].to(self.device)  # [b] index of the trained step per sample
                     with autocast(cfg.performance, self.device):
-                        if t.objective == "rwr":
-                            noise_gen = self._rwr_generator(inner, mb, j)
-                            loss = self._rwr_loss(data, rows, embeds, rwr_w[rows], noise_gen)
+                        if isinstance(self.objective, PolicyGradient):
+                            step = step_perm[idx, j].to(
+                                self.device
+                            )  # [b] index of the trained step per sample
+                            loss, stats = self.policy_gradient_loss(
+                                data, rows, step, embeds, advantages[rows]
+                            )
+                            policy_stats.add(stats, data.lags[idx])
                         else:
-                            loss, st = self._pg_loss(data, rows, step, embeds, advantages[rows])
-                            stats.append(st)
-                    (loss / (t.gradient_accumulation_steps * num_train_t)).backward()
-                    losses.append(loss.item())
+                            noise_gen = self._regression_generator(inner, mb, j)
+                            loss = self._regression_loss(data, rows, embeds, weights[rows], noise_gen)
+                    if loss is not None:
+                        self.optim.backward(loss / divisor)
+                        losses.append(loss.item())
                     bar.update(1)
                 local_micro_batches += 1
                 if local_micro_batches % local_accum == 0:
-                    if world > 1:
-                        self._all_reduce_gradients()
-                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)))
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    grad_norms.append(self.optim.step().grad_norm)
         bar.close()
         self.unet.eval()
         self.policy_version += 1
-        metrics = self._epoch_metrics(stats, losses, grad_norms, advantages)
-        return self._mean_over_ranks(metrics) if world > 1 else metrics
+        if world > 1:
+            policy_stats.all_reduce()
+        metrics = {
+            "loss": _mean(losses),
+            **policy_stats.metrics(),
+            "grad_norm": _mean([g for g in grad_norms if np.isfinite(g)]),
+            "advantage_abs_mean": float(advantages.abs().mean()),
+            "skipped_steps": self.optim.skipped_steps - skipped_before,
+        }
+        if self.optim.loss_scaling:
+            metrics["grad_scale"] = self.optim.scale
+        if world > 1:
+            metrics["loss"] = _mean_over_ranks(losses)
+        self._warn_if_nothing_learned(metrics)
+        return metrics
 
-    def _mean_over_ranks(self, metrics: dict[str, float | None]) -> dict[str, float | None]:
-        """Every rank trains the same number of micro-batches, so the global mean is the mean of rank means."""
-        keys = [
-            k for k, v in metrics.items() if v is not None and k not in ("grad_norm", "advantage_abs_mean")
-        ]
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return {**metrics, **{k: float(v) / self.world_size for k, v in zip(keys, values, strict=True)}}
-
-    def _pg_loss(
+    def policy_gradient_loss(
         self,
         data: EpochBatch,
         rows: torch.Tensor,
@@ -198,81 +261,105 @@ class Learner:
             eta=cfg.sampling.eta,
         )
         old_log_prob = data.log_probs[rows, step]
-        if cfg.training.objective == "ddpo_is":
-            return ddpo_is_loss(log_prob, old_log_prob, adv, cfg.training.clip_range)
-        return ddpo_sf_loss(log_prob, old_log_prob, adv, cfg.training.clip_range)
+        return self.objective.loss(log_prob, old_log_prob, adv, cfg.training.clip_range)
 
-    def _rwr_generator(self, inner: int, micro_batch: int, j: int) -> torch.Generator:
+    def _regression_generator(self, inner: int, micro_batch: int, j: int) -> torch.Generator:
         """RWR's (t, noise) draws depend only on (run seed, version, position), not on which rank computes them."""
         seed = hash((self.cfg.seed, self.policy_version, inner, micro_batch, j)) % 2**63
         return torch.Generator().manual_seed(seed)
 
-    def _rwr_loss(
+    def _regression_loss(
         self,
         data: EpochBatch,
         rows: torch.Tensor,
         embeds: torch.Tensor,
         weights: torch.Tensor,
         generator: torch.Generator,
-    ) -> torch.Tensor:
-        """RWR: weighted denoising loss on the final samples x_0 at a fresh random (t, noise). rows [b]."""
-        x0 = data.latents[rows, -1]
+    ) -> torch.Tensor | None:
+        """RWR: weighted denoising loss on the final samples x_0 at a fresh random (t, noise); rows [b].
+
+        As in the JAX code, the prediction is classifier-free guided when training.cfg is on. Samples of weight 0
+        (RWR-sparse below its percentile) are not run at all; None if none is left.
+        """
+        x0 = data.latents[rows, -1].float()  # [b, C, h, w]
         num_train = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, num_train, (len(rows),), generator=generator).to(self.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(self.device, x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(self.device)
+        keep = weights > 0
+        if not bool(keep.any()):
+            return None
+        x0, t, noise, embeds, kept_weights = x0[keep], t[keep], noise[keep], embeds[keep], weights[keep]
         noisy = self.scheduler.add_noise(x0, noise, t)
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(x0, noise, t)
         else:
             target = noise
-        pred = self.unet(noisy, t, encoder_hidden_states=embeds).sample
-        return rwr_loss(pred, target, weights)
+        guidance = self.cfg.sampling.guidance_scale if self.cfg.training.cfg else 1.0
+        pred = guided_noise_pred(
+            self.unet, noisy, t, embeds, self._negative_embeds.expand_as(embeds), guidance
+        )
+        # mean over the whole micro-batch (dropped samples count as weight 0): the divisor stays the same
+        return rwr_loss(pred, target, kept_weights) * keep.sum() / len(rows)
 
-    def _all_reduce_gradients(self) -> None:
-        """Sum the trainable parameters' gradients over ranks (one flat buffer, one collective)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
-
-    @staticmethod
-    def _epoch_metrics(
-        stats: list[LossStats], losses: list[float], grad_norms: list[float], advantages: torch.Tensor
-    ) -> dict[str, float | None]:
-        def mean(xs: list[float]) -> float | None:
-            return float(np.mean(xs)) if xs else None
-
-        return {
-            "loss": mean(losses),
-            "approx_kl": mean([s.approx_kl for s in stats]),
-            "clipfrac": mean([s.clipfrac for s in stats]),
-            "ratio_mean": mean([s.ratio_mean for s in stats]),
-            # the first trained step of the epoch sees the weights that sampled (if the policy did not lag)
-            "ratio_first_step": stats[0].ratio_mean if stats else None,
-            "grad_norm": mean(grad_norms),
-            "advantage_abs_mean": float(advantages.abs().mean()),
-        }
+    def _warn_if_nothing_learned(self, metrics: dict[str, float | None]) -> None:
+        if metrics["grad_norm"] == 0.0:
+            logger.warning(
+                "policy version %d: the gradient norm was 0 for the whole epoch, so nothing was learned. Check "
+                "that rewards differ within each prompt (advantage_abs_mean=%s), that lora.target_modules exist in "
+                "this UNet, and, with a float16 base, that loss scaling is on (grad_scale in metrics.jsonl).",
+                self.policy_version,
+                metrics["advantage_abs_mean"],
+            )
+        if metrics["skipped_steps"]:
+            logger.warning(
+                "policy version %d: %d optimizer step(s) skipped for non-finite gradients (grad_scale=%s)",
+                self.policy_version,
+                metrics["skipped_steps"],
+                metrics.get("grad_scale"),
+            )
 
     # ---- weights and state ---------------------------------------------------------------------------------------
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The LoRA tensors that actors load (CPU)."""
+        """The weights actors load (CPU): LoRA tensors, or the whole UNet under full fine-tuning."""
         return policy_state_dict(self.unet)
 
-    def state_dict(self) -> dict:
-        return {
-            "policy": self.policy_weights(),
-            "optimizer": self.optimizer.state_dict(),
+    def state_dict(self, include_policy: bool = True) -> dict:
+        state = {
+            "optimizer": self.optim.state_dict(),
             "stat_tracker": self.stat_tracker.state_dict(),
             "policy_version": self.policy_version,
             "generator": self.generator.get_state(),
         }
+        if include_policy:
+            state["policy"] = self.policy_weights()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        load_policy_state_dict(self.unet, state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "policy" in state:
+            load_policy_state_dict(self.unet, state["policy"])
+        self.optim.load_state_dict(state["optimizer"])
         self.stat_tracker.load_state_dict(state["stat_tracker"])
         self.policy_version = int(state["policy_version"])
         self.generator.set_state(state["generator"])
+
+
+def _all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum the trainable parameters' gradients over ranks (one flat buffer, one collective)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _mean_over_ranks(xs: list[float]) -> float | None:
+    """The mean of every rank's values (ranks may hold different numbers of them)."""
+    total = torch.tensor([sum(xs), len(xs)], dtype=torch.float64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total[0] / total[1]) if total[1] else None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None

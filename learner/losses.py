@@ -3,6 +3,10 @@
 Symbols: log_prob = log pi_theta(x_{t-1} | x_t, c) under the current weights, old_log_prob = the same under the
 weights that sampled the trajectory (recorded by the sampler), A = advantage of the whole trajectory.
 The policy-gradient losses take per-sample tensors [B] for ONE timestep each and return a scalar and statistics.
+
+RWR follows the original JAX code (jannerm/ddpo): a denoising loss on the final samples x_0, each sample weighted
+by softmax over the epoch's rewards (`rwr_weights`), or, for RWR-sparse, only the samples at or above a reward
+percentile with equal weights (`rwr_sparse_weights`).
 """
 
 from __future__ import annotations
@@ -11,23 +15,36 @@ from dataclasses import dataclass
 
 import torch
 
+_EPS = 1e-6
+
 
 @dataclass
 class LossStats:
-    """Statistics of one loss evaluation (Python floats, detached)."""
+    """Per-sample statistics of one loss evaluation (detached)."""
 
-    approx_kl: float  # 1/2 E[(log r)^2], the estimator used by the DDPO reference implementation
-    clipfrac: float  # fraction of samples whose ratio left [1 - eps, 1 + eps]
-    ratio_mean: float  # E[pi_theta / pi_old]
+    log_ratio: torch.Tensor  # [B] log pi_theta - log pi_old
+    clip_range: float
 
+    @property
+    def ratio(self) -> torch.Tensor:  # [B] pi_theta / pi_old
+        return self.log_ratio.exp()
 
-def _stats(log_ratio: torch.Tensor, clip_range: float) -> LossStats:
-    ratio = log_ratio.exp()
-    return LossStats(
-        approx_kl=float(0.5 * (log_ratio**2).mean()),
-        clipfrac=float(((ratio - 1.0).abs() > clip_range).float().mean()),
-        ratio_mean=float(ratio.mean()),
-    )
+    @property
+    def clipped(self) -> torch.Tensor:  # [B] bool: the ratio left [1 - eps, 1 + eps]
+        return (self.ratio - 1.0).abs() > self.clip_range
+
+    @property
+    def approx_kl(self) -> float:
+        """1/2 E[(log r)^2], the estimator of the DDPO reference implementation."""
+        return float(0.5 * (self.log_ratio**2).mean())
+
+    @property
+    def clipfrac(self) -> float:
+        return float(self.clipped.float().mean())
+
+    @property
+    def ratio_mean(self) -> float:
+        return float(self.ratio.mean())
 
 
 def ddpo_is_loss(
@@ -42,7 +59,7 @@ def ddpo_is_loss(
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(pg_loss1, pg_loss2).mean()
-    return loss, _stats(log_ratio.detach(), clip_range)
+    return loss, LossStats(log_ratio.detach(), clip_range)
 
 
 def ddpo_sf_loss(
@@ -50,15 +67,36 @@ def ddpo_sf_loss(
 ) -> tuple[torch.Tensor, LossStats]:
     """DDPO-SF: the REINFORCE score-function estimator, loss = -mean(A log pi_theta). No ratio, no clipping.
 
-    old_log_prob only feeds the statistics (the ratio is 1 on-policy, where this estimator is unbiased).
+    Unbiased only on-policy (the config refuses ddpo_sf with policy lag or several optimizer steps per epoch);
+    old_log_prob only feeds the statistics.
     """
     loss = -(advantages * log_prob).mean()
-    return loss, _stats((log_prob - old_log_prob).detach(), clip_range)
+    return loss, LossStats((log_prob - old_log_prob).detach(), clip_range)
+
+
+def standardize(rewards: torch.Tensor) -> torch.Tensor:
+    """(r - mean) / (std + eps) over the batch (population std). [N] -> [N] float64."""
+    r = rewards.double()
+    return (r - r.mean()) / (r.std(unbiased=False) + _EPS)
 
 
 def rwr_weights(rewards: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Reward-weighted regression weights: softmax(r / temperature) over the batch, rescaled to mean 1. [B] -> [B]."""
-    return torch.softmax(rewards.double() / temperature, dim=0).float() * rewards.numel()
+    """RWR weights w = N softmax(z / temperature) over the epoch, z = standardised rewards; mean 1. [N] -> [N].
+
+    Standardising first makes one temperature mean the same for JPEG kB and aesthetic scores. (The JAX code
+    multiplies raw rewards by its `temperature`, an inverse temperature: its 1/5 on kB is our temperature
+    5 / std(kB).)
+    """
+    return (torch.softmax(standardize(rewards) / temperature, dim=0) * rewards.numel()).float()
+
+
+def rwr_sparse_weights(rewards: torch.Tensor, percentile: float) -> torch.Tensor:
+    """RWR-sparse: train only on samples with r >= the epoch's `percentile`-th percentile (linear interpolation,
+    numpy's default, as the JAX code's filter), all with the same weight; weights have mean 1. [N] -> [N]."""
+    r = rewards.double()
+    threshold = torch.quantile(r, percentile / 100.0)
+    keep = (r >= threshold).double()
+    return (keep * r.numel() / keep.sum()).float()
 
 
 def rwr_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

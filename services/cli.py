@@ -38,6 +38,12 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype the base model runs in (float32 is exact; bfloat16/float16 are faster on GPUs)",
+    )
     p.add_argument("--out", required=True, help="output directory")
 
 

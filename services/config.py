@@ -31,8 +31,10 @@ class ModelConfig(_Section):
     """Diffusers Stable Diffusion 1.x/2.x pipeline: a hub id or a local directory."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    """Dtype of the frozen base weights (LoRA weights always train in float32)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    """Dtype of the frozen base weights, on every device (LoRA weights, and the UNet of full fine-tuning, train in
+    float32). bfloat16 is the GPU default: float32's exponent range, so gradients need no loss scaling. float16 is
+    as fast on GPUs and trains correctly with the automatic dynamic loss scaling; float32 is exact but ~2x slower."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     use_lora: bool = True
@@ -68,8 +70,10 @@ class SamplingConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    objective: Literal["ddpo_is", "ddpo_sf", "rwr"] = "ddpo_is"
-    """ddpo_is: PPO-clipped importance sampling; ddpo_sf: score function; rwr: reward-weighted regression."""
+    objective: Literal["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"] = "ddpo_is"
+    """ddpo_is: PPO-clipped importance sampling; ddpo_sf: score function (on-policy only: one optimizer step per
+    epoch and cluster.max_policy_lag 0); rwr: reward-weighted regression; rwr_sparse: RWR on the samples at or above
+    the epoch's training.rwr_percentile, equal weights (the paper's baselines)."""
     learning_rate: float = Field(3e-4, gt=0)
     """AdamW learning rate."""
     adam_beta1: float = 0.9
@@ -97,7 +101,10 @@ class TrainingConfig(_Section):
     cfg: bool = True
     """Recompute log-probs with classifier-free guidance, as sampled (must match sampling for ratio == 1)."""
     rwr_temperature: float = Field(1.0, gt=0)
-    """RWR: weights are softmax(reward / temperature) over the epoch's samples."""
+    """RWR: weights are N softmax(z / temperature) over the epoch's N samples, z = the rewards standardised (so a
+    temperature means the same for every reward); smaller = greedier."""
+    rwr_percentile: float = Field(90.0, ge=0, lt=100)
+    """RWR-sparse: train only on samples whose reward is >= this percentile of the epoch's (the paper's 90)."""
 
 
 class StatTrackingConfig(_Section):
@@ -110,18 +117,33 @@ class StatTrackingConfig(_Section):
 
 
 class PromptConfig(_Section):
-    set: Literal[
-        "imagenet_animals", "simple_animals", "nouns_activities", "counting", "from_file", "list"
-    ] = "imagenet_animals"
-    """Prompt set to sample from (uniformly, with the run's seed)."""
+    set: str = "imagenet_animals"
+    """Prompt set to sample from (uniformly, with the run's seed): a file configs/prompts/NAME.txt (imagenet_animals,
+    imagenet_animals_clean, simple_animals, activities), or nouns_activities, counting, from_file, list."""
     path: str | None = None
-    """For from_file: a text file with one prompt per line."""
+    """For from_file: a text file with one prompt per line ('#' starts a comment line)."""
     items: list[str] = []
     """For list: the prompts themselves."""
     activities: list[str] | None = None
-    """For nouns_activities: activities (default: the built-in list)."""
+    """For nouns_activities: activities (default: configs/prompts/activities.txt)."""
     nouns: list[str] | None = None
-    """For nouns_activities / counting: nouns (default: simple_animals)."""
+    """For nouns_activities / counting: nouns (default: configs/prompts/simple_animals.txt)."""
+
+    @model_validator(mode="after")
+    def _check_set(self) -> PromptConfig:
+        generated = ("nouns_activities", "counting", "from_file", "list")
+        files = sorted(p.stem for p in (CONFIG_DIR / "prompts").glob("*.txt"))
+        if self.set not in generated and self.set not in files:
+            raise ValueError(
+                f"prompts.set: unknown set {self.set!r}; known: {', '.join(files + list(generated))}"
+            )
+        if self.set == "from_file" and not self.path:
+            raise ValueError("prompts.path: required for prompts.set=from_file")
+        if self.set == "from_file" and not Path(self.path).is_file():
+            raise ValueError(f"prompts.path: file not found: {self.path}")
+        if self.set == "list" and not self.items:
+            raise ValueError("prompts.items: must not be empty for prompts.set=list")
+        return self
 
 
 class RewardServerConfig(_Section):
@@ -219,19 +241,22 @@ class ClusterConfig(_Section):
     torch_threads: int | None = None
     """torch.set_num_threads in every actor (None: leave torch's default)."""
     max_policy_lag: int = Field(1, ge=0)
-    """Trajectories sampled more than this many versions before the learner's are dropped; 0 = synchronous (actors
-    wait for each new version: the paper's semantics)."""
+    """How stale a trajectory may be, in policy versions. Actors sample only what the learner can use within this
+    lag (they wait otherwise; see services/quota.py), and anything older is dropped. 0 = synchronous: one epoch's
+    samples per version (the paper's semantics); 1 = actors sample the next epoch while the learner trains."""
     max_inflight_batches: int = Field(2, ge=1)
     """Per actor: sampled batches whose rewards may be in flight while the next batch samples."""
     stream_max_backlog: int = Field(256, ge=1)
     """Producers wait while more than this many trajectories are unread or unacknowledged (never trimmed)."""
     latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Dtype of latents in the trajectory stream (bfloat16 halves the bytes; float32 keeps ratio == 1 exact)."""
+    """Dtype of a trajectory's latents, as sampled and as streamed, whatever model.dtype is: each x_{t-1} is rounded
+    to it when drawn and scored after rounding, so the ratio is exactly 1 on-policy in every dtype. float32 is the
+    exact Gaussian policy; float16/bfloat16 halve the stream's bytes but perturb the late, low-noise steps."""
     reclaim_idle_ms: int = Field(60_000, ge=1)
     """Entries delivered to a consumer but unacknowledged this long are reclaimed by the learner (XAUTOCLAIM)."""
     lag0_starvation_s: float = Field(60.0, gt=0)
-    """max_policy_lag 0: if no trajectory arrives for this long, the learner re-opens the version's sampling quota
-    (a crashed actor's claimed batch will never come)."""
+    """If no trajectory arrives for this long while the learner waits, it re-opens the missing part of the current
+    version's sampling quota (a crashed actor's claimed batch will never come). Applies at every max_policy_lag."""
     actor_max_restarts: int = Field(-1, ge=-1)
     """Ray restarts of a crashed actor (-1: unlimited)."""
 
@@ -301,6 +326,8 @@ class TrainConfig(_Section):
                 f"training.gradient_accumulation_steps={self.training.gradient_accumulation_steps} must be divisible "
                 f"by cluster.num_learners={self.cluster.num_learners}"
             )
+        if self.training.objective == "ddpo_sf":
+            self._check_on_policy()
         if self.reward.mode == "local" and not self.reward.name.startswith("jpeg"):
             raise ValueError(f"reward.mode: 'local' supports only the jpeg rewards, not {self.reward.name!r}")
         if self.reward.mode == "http":
@@ -314,6 +341,23 @@ class TrainConfig(_Section):
                         f"reward.servers.{kind}: reward {self.reward.name!r} over http needs urls or spawn: true"
                     )
         return self
+
+    def _check_on_policy(self) -> None:
+        """DDPO-SF's gradient is unbiased only if every trained step sees the weights that sampled it."""
+        t = self.training
+        if self.updates_per_epoch > 1:
+            raise ValueError(
+                f"training.objective 'ddpo_sf' is on-policy: it needs one optimizer step per epoch, but "
+                f"sampling.batch_size * sampling.num_batches_per_epoch / (training.batch_size * "
+                f"training.gradient_accumulation_steps) * training.num_inner_epochs = {self.updates_per_epoch}; "
+                f"set training.gradient_accumulation_steps={self.samples_per_epoch // t.batch_size} and "
+                "training.num_inner_epochs=1 (or use ddpo_is, which corrects for off-policy samples)"
+            )
+        if self.cluster.max_policy_lag > 0 and not self.cluster.in_process:
+            raise ValueError(
+                f"training.objective 'ddpo_sf' is on-policy: cluster.max_policy_lag must be 0, not "
+                f"{self.cluster.max_policy_lag} (or use ddpo_is, which corrects for lagging samples)"
+            )
 
 
 class ConfigError(ValueError):

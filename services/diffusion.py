@@ -129,8 +129,10 @@ def guided_noise_pred(
     """Classifier-free guidance: eps_uncond + w (eps_text - eps_uncond).
 
     latents [B, C, h, w]; timestep 0-d or [B]; embeds [B, L, D] each. Returns [B, C, h, w].
-    With guidance_scale == 1 the unconditional branch is skipped.
+    With guidance_scale == 1 the unconditional branch is skipped. The latents enter the UNet in its own dtype
+    (trajectories keep theirs: the step math is float32 whatever the model runs in).
     """
+    latents = latents.to(getattr(unet, "dtype", latents.dtype))
     if guidance_scale == 1.0:
         return unet(latents, timestep, encoder_hidden_states=prompt_embeds).sample
     t = timestep.repeat(2) if timestep.ndim == 1 else timestep
@@ -176,12 +178,15 @@ def sample_trajectory(
     generator: torch.Generator | None = None,
     resolution: int | None = None,
     progress: bool = False,
+    latent_dtype: torch.dtype = torch.float32,
 ) -> Trajectory:
     """Run the full CFG DDIM loop from noise, recording latents and log-probs of every step.
 
-    `pipeline` is a diffusers StableDiffusionPipeline whose scheduler is a DDIMScheduler.
-    Returns a Trajectory: latents [B, T+1, C, h, w], log_probs [B, T], timesteps [T], prompt_embeds [B, L, D],
-    images [B, 3, H, W], prompts.
+    `pipeline` is a diffusers StableDiffusionPipeline whose scheduler is a DDIMScheduler. Each x_{t-1} is rounded
+    to `latent_dtype` as it is drawn and its log-probability is that of the rounded value, so a trajectory stored
+    in `latent_dtype` scores exactly the same when the learner recomputes it (float32: no rounding at all).
+    Returns a Trajectory: latents [B, T+1, C, h, w] in `latent_dtype`, log_probs [B, T] float32, timesteps [T],
+    prompt_embeds [B, L, D], images [B, 3, H, W], prompts.
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     device, dtype = unet.device, unet.dtype
@@ -190,7 +195,7 @@ def sample_trajectory(
     scheduler.set_timesteps(num_steps, device=device)
     side = (resolution or unet.config.sample_size * pipeline.vae_scale_factor) // pipeline.vae_scale_factor
     shape = (len(prompts), unet.config.in_channels, side, side)
-    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(latent_dtype)
     latents = latents * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     steps = scheduler.timesteps

@@ -18,7 +18,8 @@ from services.config import LoraConfig, ModelConfig, PerformanceConfig
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Config dtype names -> torch dtypes (model.dtype, cluster.latent_dtype)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -35,10 +36,11 @@ def load_pipeline(
 ) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with DDIM, frozen base weights, and (if model.use_lora) a trainable UNet LoRA.
 
-    Base weights are in `model.dtype` (float32 on CPU, where half precision is slow); LoRA weights in float32.
+    Base weights are in `model.dtype` on every device (a CPU runs float16 and bfloat16 too, only slower); LoRA
+    weights, and the UNet of full fine-tuning, in float32.
     """
     device = resolve_device(model.device)
-    dtype = _DTYPES[model.dtype] if device.type != "cpu" else torch.float32
+    dtype = DTYPES[model.dtype]
     local = Path(model.pretrained).exists()
     pipe = StableDiffusionPipeline.from_pretrained(
         model.pretrained,

@@ -26,7 +26,8 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     from services.images import tensor_to_pil
     from services.lora import load_inference_pipeline
 
-    pipe = load_inference_pipeline(ModelConfig(pretrained=args.model, device=args.device), args.lora)
+    model = ModelConfig(pretrained=args.model, device=args.device, dtype=args.dtype)
+    pipe = load_inference_pipeline(model, args.lora)
     seeds = [args.seed + i for i in range(args.n)]
     images = render_samples(
         pipe, args.prompt, seeds, args.steps, args.guidance, args.eta, args.negative_prompt
@@ -47,6 +48,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         "num_steps": args.steps,
         "guidance_scale": args.guidance,
         "eta": args.eta,
+        "dtype": args.dtype,
         "files": [p.name for p in paths],
     }
     (out / "samples.json").write_text(json.dumps(manifest, indent=1))

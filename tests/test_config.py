@@ -24,6 +24,8 @@ def test_paper_presets_keep_reference_values():
             5,
         )
         assert cfg.samples_per_epoch == 256 and cfg.lora.rank == 4
+        # GPU default: bfloat16 base (no loss scaling needed), exact float32 trajectories
+        assert (cfg.model.dtype, cfg.cluster.latent_dtype) == ("bfloat16", "float32")
 
 
 def test_set_overrides_parse_yaml_values():
@@ -77,3 +79,26 @@ def test_every_field_has_a_doc_line():
                 walk(ann)
 
     walk(TrainConfig)
+
+
+def test_ddpo_sf_off_policy_is_refused_naming_the_fields():
+    # quickstart: 32 samples per epoch, micro-batches of 8, no accumulation -> 4 optimizer steps per epoch
+    with pytest.raises(
+        ConfigError, match=r"ddpo_sf.*one optimizer step per epoch.*gradient_accumulation_steps=4"
+    ):
+        load_config("quickstart", ["training.objective=ddpo_sf", "cluster.max_policy_lag=0"])
+    with pytest.raises(ConfigError, match=r"ddpo_sf.*cluster\.max_policy_lag must be 0"):
+        load_config("quickstart", ["training.objective=ddpo_sf", "training.gradient_accumulation_steps=4"])
+    cfg = load_config("quickstart", ["training.objective=ddpo_sf", "training.gradient_accumulation_steps=4",
+                                     "cluster.max_policy_lag=0"])  # fmt: skip
+    assert cfg.updates_per_epoch == 1
+
+
+def test_objective_choices_are_the_objective_table():
+    import typing
+
+    from learner.objectives import OBJECTIVES
+    from services.config import TrainingConfig
+
+    choices = typing.get_args(TrainingConfig.model_fields["objective"].annotation)
+    assert set(choices) == set(OBJECTIVES)

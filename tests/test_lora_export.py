@@ -102,7 +102,9 @@ def test_export_folds_alpha_and_round_trips_under_our_adapter_name(tiny_sd_path,
     torch.testing.assert_close(folded[key_b], 2 * original[key_b])
     torch.testing.assert_close(folded[key_a], original[key_a])
 
-    pipe = load_inference_pipeline(ModelConfig(pretrained=tiny_sd_path, device="cpu"), lora_dir)
+    pipe = load_inference_pipeline(
+        ModelConfig(pretrained=tiny_sd_path, device="cpu", dtype="float32"), lora_dir
+    )
     reloaded = policy_state_dict(pipe.unet)  # reads adapter "default": the name round-trips
     assert reloaded.keys() == original.keys()
     for k in reloaded:

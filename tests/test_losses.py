@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from learner.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_weights
+from learner.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_sparse_weights, rwr_weights
 
 
 def test_ddpo_is_clips_on_both_sides():
@@ -52,14 +50,28 @@ def test_ddpo_sf_is_minus_advantage_weighted_log_prob():
     assert lp.grad.tolist() == pytest.approx([-1.0, 0.5])  # -A / B
 
 
-def test_rwr_weights_softmax_rescaled_to_mean_one():
-    w = rwr_weights(torch.tensor([0.0, math.log(3.0)]), temperature=1.0)
-    # softmax([0, log 3]) = [1/4, 3/4]; times B = 2 -> [0.5, 1.5]
-    assert w.tolist() == pytest.approx([0.5, 1.5], rel=1e-6)
-    w_hot = rwr_weights(
-        torch.tensor([0.0, math.log(3.0)]), temperature=0.5
-    )  # softmax([0, 2 log 3]) = [1/10, 9/10]
-    assert w_hot.tolist() == pytest.approx([0.2, 1.8], rel=1e-6)
+def test_rwr_weights_standardise_then_softmax_rescaled_to_mean_one():
+    # rewards [0, 2]: mean 1, population std 1 -> z = [-1, 1] (to 1e-6: std + eps)
+    # softmax(z / 1) = [e^-1, e^1] / (e^-1 + e^1) = [0.119203, 0.880797]; times N = 2 -> [0.238406, 1.761594]
+    w = rwr_weights(torch.tensor([0.0, 2.0]), temperature=1.0)
+    assert w.tolist() == pytest.approx([0.238406, 1.761594], rel=1e-5)
+    # temperature 0.5: softmax([-2, 2]) = [e^-2, e^2] / (e^-2 + e^2) = [0.017986, 0.982014] -> [0.0359724, 1.9640276]
+    assert rwr_weights(torch.tensor([0.0, 2.0]), 0.5).tolist() == pytest.approx(
+        [0.0359724, 1.9640276], rel=1e-5
+    )
+    # standardised: the same weights for kB-sized and score-sized rewards of the same shape
+    assert torch.allclose(rwr_weights(torch.tensor([10.0, 30.0]), 1.0), w, rtol=1e-5)
+
+
+def test_rwr_sparse_keeps_samples_at_or_above_the_percentile_with_equal_weights():
+    # r = [5, 1, 4, 2, 3], q = 60: sorted [1, 2, 3, 4, 5], position 0.6 x 4 = 2.4 -> 3 + 0.4 x (4 - 3) = 3.4
+    # kept: 5 and 4; weights N / kept = 5 / 2 = 2.5 on them, 0 elsewhere
+    w = rwr_sparse_weights(torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0]), percentile=60)
+    assert w.tolist() == pytest.approx([2.5, 0.0, 2.5, 0.0, 0.0])
+    # a tie at the threshold is kept (>=, as the JAX code's mask)
+    assert rwr_sparse_weights(torch.tensor([1.0, 2.0, 2.0]), percentile=50).tolist() == pytest.approx(
+        [0, 1.5, 1.5]
+    )
 
 
 def test_rwr_loss_is_weighted_mse():
