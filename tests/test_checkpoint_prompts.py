@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import pytest
 import torch
 
 from learner.checkpoint import (
@@ -12,7 +15,7 @@ from learner.checkpoint import (
     unflatten_state,
 )
 from services.config import PromptConfig
-from services.prompts import SIMPLE_ANIMALS, PromptSampler, imagenet_animals, prompt_list
+from services.prompts import PromptSampler, prompt_list, prompt_set
 
 
 def test_flatten_round_trip_keeps_int_keys_and_tensors():
@@ -57,14 +60,51 @@ def test_learner_state_round_trip(tiny_train_config, tmp_path):
         assert torch.equal(a, b), n
 
 
-def test_prompt_sets():
-    animals = imagenet_animals()
-    assert len(animals) == 398 and animals[0] == "tench" and animals[-1] == "pufferfish"
-    assert len(SIMPLE_ANIMALS) == 45 == len(set(SIMPLE_ANIMALS))
+# The DDPO reference implementation's lists (kvablack/ddpo-pytorch, ddpo_pytorch/assets/), written out here
+# independently of configs/prompts/ so that a change to the data files fails a test.
+REFERENCE_SIMPLE_ANIMALS = [
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+]  # fmt: skip
+# sha256 of the first 398 lines of its imagenet_classes.txt, joined with "\n"
+REFERENCE_IMAGENET_ANIMALS_SHA256 = "502198a6a0f7f97cc291bcc04010eb552d02ab37e6a6ebbb577dc9d6f999973c"
+
+
+def test_paper_prompt_sets_equal_the_reference_line_for_line():
+    assert list(prompt_set("simple_animals")) == REFERENCE_SIMPLE_ANIMALS
+    animals = prompt_set("imagenet_animals")
+    assert len(animals) == 398
+    assert animals[0] == "tench, Tinca tinca" and animals[100] == "black swan, Cygnus atratus"
+    assert animals[-1] == "puffer, pufferfish, blowfish, globefish"
+    assert hashlib.sha256("\n".join(animals).encode()).hexdigest() == REFERENCE_IMAGENET_ANIMALS_SHA256
+    clean = prompt_set("imagenet_animals_clean")
+    assert len(clean) == 398 and clean[0] == "tench" and clean[-1] == "pufferfish"
+    assert list(prompt_set("activities")) == ["washing the dishes", "riding a bike", "playing chess"]
+
+
+def test_generated_prompt_sets():
     acts = prompt_list(PromptConfig(set="nouns_activities"))
-    assert "a raccoon washing the dishes" in acts and "an owl riding a bike" in acts and len(acts) == 45 * 3
+    assert "a raccoon washing the dishes" in acts and "an ant riding a bike" in acts and len(acts) == 45 * 3
     counting = prompt_list(PromptConfig(set="counting", nouns=["mouse", "cat"]))
     assert counting[:3] == ["one mouse", "two mice", "three mice"] and "six cats" in counting
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"set": "animals"}, "prompts.set: unknown set 'animals'"),
+        ({"set": "from_file"}, "prompts.path: required"),
+        ({"set": "from_file", "path": "/nonexistent/prompts.txt"}, "prompts.path: file not found"),
+        ({"set": "list", "items": []}, "prompts.items: must not be empty"),
+    ],
+)
+def test_bad_prompt_config_is_refused_naming_the_field(fields, message):
+    from services.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=message):
+        build_config({"prompts": fields})
 
 
 def test_prompt_sampler_is_reproducible_and_resumable(tmp_path):
