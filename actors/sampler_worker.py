@@ -1,9 +1,10 @@
 """A sampling worker of the distributed loop: sample -> (score in flight) -> stream, applying new LoRA versions
-between batches. A plain class: the Ray actor in `actors.ray_actors` is a thin shell, and a test can drive it.
+between batches. A plain class: the Ray actor is a thin shell created by the driver, and a test can drive it.
 
 Per batch:
-  1. WEIGHTS   apply the newest published LoRA (never in the middle of a batch); with max_policy_lag 0, claim a
-               share of this version's quota first and wait for the next version when it is used up
+  1. WEIGHTS   apply the newest published LoRA (never in the middle of a batch), then claim the batch from the
+               sampling quota (`services.quota`): nothing is sampled that the learner could not use within
+               `max_policy_lag` versions; when the quota is used up, wait for the next version
   2. SAMPLE    one batch of trajectories with log-probs under the applied version
   3. SCORE     hand the images to the reward (HTTP client or a local thread) and go on sampling; at most
                `max_inflight_batches` batches are being scored at once
@@ -13,6 +14,7 @@ Per batch:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import os
 import time
@@ -24,14 +26,15 @@ import torch
 from actors.reward_client import RewardRequestError, SyncRewardClient
 from actors.sampler import Sampler
 from learner.learner_worker import worker_config
+from learner.stream_source import actor_time_key
 from services.images import tensor_to_pil
 from services.infra import redis_client
+from services.models import DTYPES
+from services.quota import SamplingQuota
 from services.streams import Backpressure, TrajectoryStream, WeightChannel, WeightSubscriber
 from services.trajectory import Trajectory, split_scored
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def run_keys(run_id: str) -> dict[str, str]:
@@ -65,10 +68,14 @@ class SamplerWorker:
             self.redis,
             run_id,
             max_backlog=cfg.cluster.stream_max_backlog,
-            latent_dtype=_DTYPES[cfg.cluster.latent_dtype],
+            latent_dtype=DTYPES[cfg.cluster.latent_dtype],
             record_produced=True,
         )
         self.weights = WeightSubscriber(WeightChannel(self.redis, run_id))
+        self.quota = SamplingQuota(
+            self.redis, run_id, cfg.samples_per_epoch, cfg.sampling.batch_size, cfg.cluster.max_policy_lag
+        )
+        self.started = time.perf_counter()
         self.sampler = Sampler(cfg, actor_id=actor_id)
         if cfg.reward.mode == "http":
             self.client = SyncRewardClient.from_config(cfg.reward, replicas)
@@ -96,18 +103,20 @@ class SamplerWorker:
             logger.info("%s: applied policy version %d", self.actor_id, version)
 
     def claim_quota(self) -> bool:
-        """max_policy_lag 0: reserve batch_size of the current version's samples_per_epoch, or wait (a short while)
-        for the next version. Returns True when a batch may be sampled now."""
-        b, need = self.cfg.sampling.batch_size, self.cfg.samples_per_epoch
-        key = f"{self.keys['quota']}{self.sampler.policy_version}"
-        if int(self.redis.incrby(key, b)) <= need:
+        """Reserve batch_size samples of the current version's quota, or wait (a short while) for the next version.
+        Returns True when a batch may be sampled now."""
+        if self.quota.claim(self.sampler.policy_version):
             return True
-        self.redis.decrby(key, b)
         update = self.weights.wait(timeout_s=0.5, poll_s=0.1)
         if update is not None:
             self.sampler.load_policy(*update)
             self.stats["weight_loads"] += 1
         return False
+
+    def report_time(self) -> None:
+        """Cumulative sampling and wall seconds, for the learner's actor_idle_frac."""
+        times = {"busy_s": self.stats["sample_s"], "wall_s": time.perf_counter() - self.started}
+        self.redis.hset(actor_time_key(self.run_id), self.actor_id, json.dumps(times))
 
     # ---- 3. SCORE ----------------------------------------------------------------------------------------------
     def _submit_scoring(self, traj: Trajectory) -> cf.Future:
@@ -161,11 +170,11 @@ class SamplerWorker:
     # ---- the loop ----------------------------------------------------------------------------------------------
     def run(self, max_batches: int | None = None) -> dict:
         """Sample until the stop flag (or `max_batches`); returns counters."""
-        lag0 = self.cfg.cluster.max_policy_lag == 0
         while not self.stopped() and (max_batches is None or self.stats["batches"] < max_batches):
             self.apply_newest_weights()
-            if lag0 and not self.claim_quota():
+            if not self.claim_quota():
                 self._drain(block=False)
+                self.report_time()
                 continue
             t0 = time.perf_counter()
             traj = self.sampler.sample()
@@ -173,6 +182,7 @@ class SamplerWorker:
             self.stats["batches"] += 1
             self.inflight.append(_InFlight(traj, self.sampler.policy_version, self._submit_scoring(traj)))
             self._drain(block=True)
+            self.report_time()
         while self.inflight and not self.stopped():
             self._finish(self.inflight.popleft())
         return dict(self.stats)

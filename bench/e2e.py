@@ -91,6 +91,8 @@ def figures(rows: list[dict], wall_s: float, units: int) -> dict:
     trained = sum(r["samples"] for r in rows)
     steady = rows[1:] or rows  # the first epoch waits for actors to start and warm up
     per_epoch = sum(r["samples"] for r in steady) / sum(r["epoch_s"] for r in steady)
+    dropped = sum(r["dropped_stale"] for r in rows)
+    idle = [r["actor_idle_frac"] for r in steady if r.get("actor_idle_frac") is not None]
     return {
         "wall_s": round(wall_s, 2),
         "samples_trained": trained,
@@ -100,6 +102,9 @@ def figures(rows: list[dict], wall_s: float, units: int) -> dict:
         "per_unit_samples_per_s_epochs": round(per_epoch / units, 4),
         "epoch_s": [round(r["epoch_s"], 2) for r in rows],
         "reward_mean": [round(r["reward_mean"], 4) for r in rows],
+        # sampling work thrown away: trajectories dropped as older than max_policy_lag, of all consumed
+        "dropped_stale_frac": round(dropped / (trained + dropped), 4) if trained + dropped else 0.0,
+        "actor_idle_frac": round(sum(idle) / len(idle), 4) if idle else None,
     }
 
 

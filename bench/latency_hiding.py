@@ -141,7 +141,7 @@ def make_config(args: argparse.Namespace, model_dir: str, url: str, max_inflight
             },
             "cluster": {
                 "torch_threads": args.threads,
-                "max_policy_lag": 1,  # no version quota: sample freely
+                "max_policy_lag": 1,
                 "max_inflight_batches": max_inflight,
                 "stream_max_backlog": total + args.batch,  # nobody reads: never apply backpressure
                 "latent_dtype": "float32",
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"bench-{name}",
                     {"jpeg": [urls[name]]},
                 )
+                total = (args.warmup + args.batches * args.rounds) * args.batch
+                workers[name].quota.set_limit(0, total)  # no learner here: allow every batch of the benchmark
                 clocks[name] = SampleClock(workers[name].sampler.sample)
                 workers[name].sampler.sample = clocks[name]  # instance attribute: the worker's loop calls it
                 workers[name].run(max_batches=args.warmup)  # loads, first calls, HTTP connection

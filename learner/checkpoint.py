@@ -1,7 +1,8 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-Layout: RUN_DIR/checkpoints/epoch_NNNN/{tensors.safetensors, state.json}. A checkpoint is written to a temporary
-directory and renamed into place, so a crash never leaves a half-written "newest" checkpoint.
+Layout: RUN_DIR/checkpoints/epoch_NNNN/{tensors.safetensors, state.json} plus what `write_extra` adds (the policy
+in the diffusers format: `lora/`, or `unet/` under full fine-tuning). Everything is written to a temporary
+directory that is renamed into place last, so a crash never leaves a half-written "newest" checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,11 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_checkpoint(run_dir: str | Path, epoch: int, state: dict) -> Path:
-    """Write `state` as checkpoints/epoch_{epoch:04d} atomically; returns its path."""
+def save_checkpoint(
+    run_dir: str | Path, epoch: int, state: dict, write_extra: Callable[[Path], None] | None = None
+) -> Path:
+    """Write `state` (and whatever `write_extra(directory)` writes) as checkpoints/epoch_{epoch:04d} atomically;
+    returns its path."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch_{epoch:04d}"
@@ -60,7 +65,9 @@ def save_checkpoint(run_dir: str | Path, epoch: int, state: dict) -> Path:
     tmp.mkdir()
     skeleton, tensors = flatten_state(state)
     save_file(tensors, str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(skeleton))
+    if write_extra is not None:
+        write_extra(tmp)
+    (tmp / "state.json").write_text(json.dumps(skeleton))  # last: a directory with state.json is complete
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -189,13 +189,21 @@ def reward_client_for(cfg: TrainConfig) -> Any:
 
 
 # ---- `ddpo eval RUN_DIR` -------------------------------------------------------------------------------------------
+def policy_dir(checkpoint: Path) -> Path | None:
+    """The checkpoint's policy in the diffusers format: `lora/` (a LoRA) or `unet/` (full fine-tuning), if any."""
+    for name in ("lora", "unet"):
+        if (checkpoint / name).is_dir():
+            return checkpoint / name
+    return None
+
+
 def checkpoint_dirs(run_dir: str | Path, names: Sequence[str] | None = None) -> list[Path]:
-    """RUN_DIR/checkpoints/epoch_NNNN dirs with a `lora/`: all of them, or those named ("epoch_0003" or "3")."""
+    """RUN_DIR/checkpoints/epoch_NNNN dirs with a policy (`lora/` or `unet/`): all, or those named ("epoch_0003", "3")."""
     root = Path(run_dir) / "checkpoints"
     if not names:
-        found = sorted(p for p in root.glob("epoch_*") if (p / "lora").is_dir())
+        found = sorted(p for p in root.glob("epoch_*") if policy_dir(p) is not None)
         if not found:
-            raise FileNotFoundError(f"no checkpoints with a lora/ folder under {root}")
+            raise FileNotFoundError(f"no checkpoints with a lora/ or unet/ folder under {root}")
         return found
     out = []
     for name in names:
@@ -203,8 +211,10 @@ def checkpoint_dirs(run_dir: str | Path, names: Sequence[str] | None = None) -> 
         if match is None:
             raise ConfigError(f"--checkpoint {name!r}: expected epoch_NNNN or an epoch number")
         path = root / f"epoch_{int(match.group(1)):04d}"
-        if not (path / "lora").is_dir():
-            raise FileNotFoundError(f"checkpoint {path} has no lora/ folder (the diffusers-format LoRA)")
+        if policy_dir(path) is None:
+            raise FileNotFoundError(
+                f"checkpoint {path} has no lora/ or unet/ folder (the diffusers-format policy)"
+            )
         out.append(path)
     return out
 
@@ -225,7 +235,7 @@ def evaluate_run(
     sampler settings and rewards. TensorBoard and metrics.jsonl are left as training wrote them.
     """
     from services.artifacts import write_eval_files
-    from services.lora import load_inference_pipeline, load_lora_into_pipeline
+    from services.lora import load_inference_pipeline, load_policy_into_pipeline
 
     run_dir = Path(run_dir)
     cfg = load_config(str(run_dir / "config.yaml"), list(overrides or []))
@@ -237,7 +247,7 @@ def evaluate_run(
     try:
         score_fns = score_fns_for(cfg, client)
         for path in dirs:
-            load_lora_into_pipeline(pipe, path / "lora")
+            load_policy_into_pipeline(pipe, policy_dir(path))
             result = evaluate(pipe, cfg, score_fns, checkpoint_epoch(path), progress=progress)
             json_path, grid_path = write_eval_files(run_dir, result)
             logger.info("evaluated %s: %s (%s, %s)", path.name, result.metrics(), json_path, grid_path)

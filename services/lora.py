@@ -93,8 +93,20 @@ def load_lora_into_pipeline(
     pipeline.load_lora_weights(str(source), adapter_name=adapter_name, **kwargs)
 
 
+def load_policy_into_pipeline(pipeline: StableDiffusionPipeline, path: str | Path) -> None:
+    """A checkpoint's policy into the pipeline: a diffusers LoRA (directory or file), or a full UNet directory
+    (`unet/` of full fine-tuning: a `config.json` beside the weights) whose weights replace the pipeline's."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        trained = type(pipeline.unet).from_pretrained(path, torch_dtype=pipeline.unet.dtype)
+        pipeline.unet.load_state_dict(trained.state_dict())
+        return
+    load_lora_into_pipeline(pipeline, path)
+
+
 def load_inference_pipeline(model: ModelConfig, lora: str | Path | None = None) -> StableDiffusionPipeline:
-    """The base pipeline of `model` (DDIM, frozen, in model.dtype) plus, if given, a diffusers-format LoRA."""
+    """The base pipeline of `model` (DDIM, frozen, in model.dtype) plus, if given, a checkpoint's policy: a
+    diffusers-format LoRA, or the `unet/` of full fine-tuning."""
     from services.models import load_pipeline
 
     pipe = load_pipeline(model.model_copy(update={"use_lora": False}))
@@ -103,5 +115,5 @@ def load_inference_pipeline(model: ModelConfig, lora: str | Path | None = None) 
     if pipe.unet.dtype != pipe.vae.dtype:
         pipe.unet.to(pipe.vae.dtype)
     if lora is not None:
-        load_lora_into_pipeline(pipe, lora)
+        load_policy_into_pipeline(pipe, lora)
     return pipe

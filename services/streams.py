@@ -135,6 +135,10 @@ class TrajectoryStream:
         length, pending = self._with_group(counts)
         return int(length) - int(pending["pending"])
 
+    def length(self) -> int:
+        """Entries in the stream: undelivered plus delivered-but-unacknowledged (acknowledged ones are deleted)."""
+        return int(self._r.xlen(self.key))
+
     def pending_count(self) -> int:
         """Entries delivered to some consumer and not yet acknowledged."""
         return int(self._r.xpending(self.key, self.group)["pending"])

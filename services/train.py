@@ -52,41 +52,79 @@ def banner(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 # ---- train (in process) --------------------------------------------------------------------------------------------
+class LocalSource:
+    """`cluster.in_process`: the sampler shares the learner's pipeline, so every batch is sampled at the learner's
+    current version (policy lag 0) right when the epoch needs it; nothing to acknowledge."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self._busy_s = 0.0
+        self._since = time.perf_counter()
+
+    def collect(self, n: int, version: int):
+        from learner.loop import Collected
+
+        t0 = time.perf_counter()
+        batch = []
+        while len(batch) < n:
+            batch += self.sampler.sample_scored()
+        self._busy_s += time.perf_counter() - t0
+        return Collected(batch=batch[:n])
+
+    def open_version(self, version: int) -> None:
+        self.sampler.policy_version = version  # the shared pipeline already holds these weights
+
+    def ack(self, ids: list[str]) -> None:
+        pass
+
+    def actor_idle_frac(self) -> float | None:
+        """The sampler waits while the learner trains: 1 - sampling seconds / wall seconds since the last call."""
+        now = time.perf_counter()
+        wall, busy = now - self._since, self._busy_s
+        self._since, self._busy_s = now, 0.0
+        return max(0.0, 1.0 - busy / wall) if wall > 0 else None
+
+    def state_dict(self) -> dict:
+        return {
+            "prompts": self.sampler.prompt_sampler.state_dict(),
+            "noise": self.sampler.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if "prompts" in state:
+            self.sampler.prompt_sampler.load_state_dict(state["prompts"])
+            self.sampler.generator.set_state(state["noise"])
+
+
 def run_local(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
-    """The whole algorithm in one process: sampler and learner share one pipeline. Returns the metrics rows."""
+    """The same epoch loop in one process: sampler and learner share one pipeline. Returns the metrics rows."""
     from tqdm.auto import tqdm
 
     from actors.sampler import Sampler
     from learner.learner import Learner
-    from learner.learner_worker import EpochRecorder, epoch_metrics_row, write_checkpoint
+    from learner.loop import EpochLoop
+    from learner.recorder import EpochRecorder
+    from services.artifacts import read_metrics
     from services.models import load_pipeline
 
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(cfg.model, cfg.lora, seed=cfg.seed, perf=cfg.performance)
     sampler = Sampler(cfg, pipeline=pipe)
     learner = Learner(cfg, pipeline=pipe)
-    recorder = EpochRecorder(cfg, run_dir, learner, {})
-    rows = []
-    bar = tqdm(range(cfg.num_epochs), desc="epochs", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        # SAMPLING
-        batch = []
-        for _ in range(cfg.sampling.num_batches_per_epoch):
-            batch += sampler.sample_scored()
-        # TRAINING
-        metrics = learner.train_epoch(batch, progress=progress)
-        # the pipeline is shared: the new weights are already in place for the next epoch's sampling
-        sampler.policy_version = learner.policy_version
-        seconds = time.perf_counter() - t0
-        row = epoch_metrics_row(epoch, learner.policy_version, batch, seconds, metrics, [0] * len(batch), 0)
-        recorder.record(row, batch)
-        rows.append(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['approx_kl'] or 0:.2e}")
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.num_epochs:
-            write_checkpoint(run_dir, epoch, learner, [])
-    recorder.close()
-    return rows
+    loop = EpochLoop(
+        cfg,
+        run_dir,
+        learner,
+        LocalSource(sampler),
+        publish=lambda version, weights, rollback: None,  # the pipeline is shared: the weights are in place
+        recorder_factory=lambda first_epoch: EpochRecorder(
+            cfg, run_dir, learner, {}, resume_epoch=first_epoch
+        ),
+    )
+    bar = tqdm(total=cfg.num_epochs, initial=loop.next_epoch, desc="epochs", disable=not progress)
+    loop.run(on_row=lambda row: (_show_row(bar, row), bar.update(1)))
+    bar.close()
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 # ---- train (distributed) ------------------------------------------------------------------------------------------
@@ -119,14 +157,17 @@ def _write_id_ledgers(stream, run_dir: Path, finished: bool) -> None:
         stream.delete()
 
 
+def _show_row(bar, row: dict) -> None:
+    """The epoch bar's postfix: the newest reward, throughput and policy lag."""
+    bar.set_postfix(reward=f"{row['reward_mean']:.4f}", sps=f"{row['samples_per_s']:.2f}",
+                    lag=f"{row['policy_lag_mean']:.2f}", refresh=False)  # fmt: skip
+
+
 def _update_bar(bar, rows: list[dict]) -> None:
-    """Advance the epoch bar to the rows written so far, showing the newest reward, throughput and policy lag."""
-    if len(rows) == bar.n:
-        return
-    last = rows[-1]
-    bar.set_postfix(reward=f"{last['reward_mean']:.4f}", sps=f"{last['samples_per_s']:.2f}",
-                    lag=f"{last['policy_lag_mean']:.2f}", refresh=False)  # fmt: skip
-    bar.update(len(rows) - bar.n)
+    """Advance the epoch bar to the rows written so far."""
+    if len(rows) > bar.n:
+        _show_row(bar, rows[-1])
+        bar.update(len(rows) - bar.n)
 
 
 def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> list[dict]:
@@ -155,7 +196,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
     ):
         r = redis_client(redis_url)
         keys = run_keys(run_id)
-        r.delete(keys["stop"], *r.keys(f"{keys['quota']}*"))
+        r.delete(keys["stop"])
         # a single learner restarts on its own; a data-parallel group fails together (resume with --resume)
         learner_restarts = -1 if c.num_learners == 1 else 0
         learner = (

@@ -31,7 +31,7 @@ def test_train_writes_the_run_directory(tiny_sd_path, tmp_path):
     out = ddpo("train", "--config", "quickstart", "--run-dir", str(run),
                "--set", f"model.pretrained={tiny_sd_path}", "--set", "num_epochs=2", "--set", "save_every=1",
                "--set", "sampling.num_steps=4", "--set", "sampling.batch_size=4",
-               "--set", "training.batch_size=4")  # fmt: skip
+               "--set", "training.batch_size=4", "--set", "training.gradient_accumulation_steps=1")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["num_epochs"] == 2 and cfg["sampling"]["num_steps"] == 4

@@ -266,6 +266,9 @@ def test_resume_continues_the_run(tiny_sd_path, tmp_path, redis_keys_cleanup):
     assert rows[:2] == first
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    # lag 1 with one actor: the quota lets it sample only what the learner uses in time, so nothing is stale
+    assert all(r["dropped_stale"] == 0 and r["policy_lag_max"] <= 1 for r in rows)
+    assert any("clipfrac_lag1" in r for r in rows) and all(0 <= r["actor_idle_frac"] <= 1 for r in rows[1:])
 
 
 @pytest.mark.timeout(600)

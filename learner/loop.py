@@ -1,0 +1,240 @@
+"""The epoch loop of every run, distributed or in one process (`cluster.in_process`): one code path.
+
+Per epoch:
+  1. COLLECT     `samples_per_epoch` trajectories from a `TrajectorySource`: the Redis stream fed by sampling actors
+                 (`learner.stream_source.StreamSource`), or a sampler in this process sharing the pipeline
+  2. UPDATE      `Learner.train_epoch` (advantages, then DDPO-IS/SF or RWR)
+  3. PUBLISH     open the next version's sampling quota, then publish the new policy
+  4. RECORD      metrics.jsonl row, ledger.jsonl line, sample grid, held-out evaluation, curves (`EpochRecorder`)
+  5. CHECKPOINT  every `save_every` epochs (and after the last); only then are the used entries acknowledged, so a
+                 crash between checkpoints replays the same trajectories into the same epochs
+
+Resume: the newest checkpoint in the run directory restores the learner and the source; rows of later epochs in
+metrics.jsonl and ledger.jsonl (written by a process that died before checkpointing them) are dropped, so every
+epoch has exactly one row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.learner import Learner
+from services.config import TrainConfig
+from services.lora import save_diffusers_lora
+from services.trajectory import ScoredTrajectory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Collected:
+    """One epoch's worth of trajectories from a source."""
+
+    batch: list[ScoredTrajectory]
+    ack_ids: list[str] = field(default_factory=list)  # source entries to acknowledge once checkpointed
+    dropped: list[str] = field(default_factory=list)  # trajectory_ids dropped as older than max_policy_lag
+    wait_s: float = 0.0  # seconds spent waiting for trajectories
+
+
+class TrajectorySource(Protocol):
+    """Where the loop's trajectories come from."""
+
+    def collect(self, n: int, version: int) -> Collected:
+        """n trajectories usable by a learner at policy `version` (lag <= cluster.max_policy_lag)."""
+        ...
+
+    def open_version(self, version: int) -> None:
+        """Called before `version` is published: let samplers produce what the learner will use of it."""
+        ...
+
+    def ack(self, ids: list[str]) -> None: ...
+
+    def actor_idle_frac(self) -> float | None:
+        """Fraction of the sampling actors' time since the last call spent waiting (quota, rewards, backlog)."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+Publish = Callable[[int, dict[str, torch.Tensor], bool], None]
+"""(version, policy weights, rollback) -> None: make the learner's policy the samplers' policy."""
+
+
+class EpochLoop:
+    """COLLECT -> UPDATE -> PUBLISH -> RECORD -> CHECKPOINT for `num_epochs` epochs, resumable."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        learner: Learner,
+        source: TrajectorySource,
+        publish: Publish,
+        recorder_factory: Callable[[int], EpochRecorderLike],
+        before_update: Callable[[list[ScoredTrajectory]], None] | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.learner, self.source = cfg, Path(run_dir), learner, source
+        self.publish = publish
+        self.before_update = before_update  # e.g. send the batch to the other data-parallel ranks
+        self.next_epoch = 0
+        self.unacked: list[str] = []  # entry ids used since the last checkpoint
+        self.resume()
+        self.recorder = recorder_factory(self.next_epoch)
+
+    # ---- resume ---------------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt)
+            self.learner.load_state_dict(state["learner"])
+            if (ckpt / "unet").is_dir():  # full fine-tuning keeps the UNet in the diffusers format only
+                load_unet_weights(self.learner.unet, ckpt / "unet")
+            self.source.load_state_dict(state.get("source", {"dedup": state.get("dedup", [])}))
+            self.next_epoch = int(state["epoch"]) + 1
+            logger.info(
+                "resumed from %s at epoch %d, policy version %d",
+                ckpt,
+                self.next_epoch,
+                self.learner.policy_version,
+            )
+        done = self.next_epoch
+        for name in ("metrics.jsonl", "ledger.jsonl"):
+            _keep_rows(self.run_dir / name, lambda row, done=done: row["epoch"] < done)
+        # (re)announce the policy this learner holds; after a resume it replaces anything published later
+        self.source.open_version(self.learner.policy_version)
+        self.publish(self.learner.policy_version, self.learner.policy_weights(), True)
+
+    # ---- one epoch ------------------------------------------------------------------------------------------------
+    def run_epoch(self) -> dict:
+        cfg, epoch = self.cfg, self.next_epoch
+        t0 = time.perf_counter()
+        # 1. COLLECT
+        got = self.source.collect(cfg.samples_per_epoch, self.learner.policy_version)
+        version_before = self.learner.policy_version
+        lags = [version_before - t.policy_version for t in got.batch]
+        # 2. UPDATE
+        if self.before_update is not None:
+            self.before_update(got.batch)
+        train_t0 = time.perf_counter()
+        metrics = self.learner.train_epoch(got.batch, lags=lags)
+        train_s = time.perf_counter() - train_t0
+        # 3. PUBLISH
+        self.source.open_version(self.learner.policy_version)
+        self.publish(self.learner.policy_version, self.learner.policy_weights(), False)
+        # 4. RECORD
+        seconds = time.perf_counter() - t0
+        row = epoch_metrics_row(epoch, self.learner.policy_version, got, seconds, metrics, lags)
+        row.update(collect_wait_s=got.wait_s, train_s=train_s, actor_idle_frac=self.source.actor_idle_frac())
+        row["learner_ranks"] = self.learner.world_size
+        ledger = {
+            "epoch": epoch,
+            "used": [t.trajectory_id for t in got.batch],
+            "dropped_stale": got.dropped,
+            "actors": dict(Counter(t.actor_id for t in got.batch)),
+        }
+        append_jsonl(self.run_dir / "ledger.jsonl", ledger)
+        self.recorder.record(row, got.batch)
+        self.unacked += got.ack_ids
+        self.next_epoch += 1
+        # 5. CHECKPOINT, then ACK
+        if self.next_epoch % cfg.save_every == 0 or self.next_epoch == cfg.num_epochs:
+            self.checkpoint(epoch)
+        return row
+
+    def checkpoint(self, epoch: int) -> Path:
+        use_lora = self.cfg.model.use_lora
+        state = {
+            "learner": self.learner.state_dict(include_policy=use_lora),
+            "source": self.source.state_dict(),
+            "epoch": epoch,
+        }
+        unet = self.learner.unet
+
+        def write_policy(directory: Path) -> None:
+            if use_lora:
+                save_diffusers_lora(unet, directory / "lora")
+            else:
+                unet.save_pretrained(directory / "unet", safe_serialization=True)
+
+        path = save_checkpoint(self.run_dir, epoch, state, write_extra=write_policy)
+        self.source.ack(self.unacked)
+        self.unacked = []
+        return path
+
+    def run(self, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+        """Epochs until `num_epochs` (calling `on_row` with each metrics row); returns this call's rows."""
+        rows = []
+        while self.next_epoch < self.cfg.num_epochs:
+            rows.append(self.run_epoch())
+            if on_row is not None:
+                on_row(rows[-1])
+        self.recorder.close()
+        return rows
+
+
+class EpochRecorderLike(Protocol):
+    def record(self, row: dict, batch: list[ScoredTrajectory]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def epoch_metrics_row(
+    epoch: int,
+    policy_version: int,
+    got: Collected,
+    seconds: float,
+    train_metrics: dict,
+    lags: list[int],
+) -> dict:
+    """The metrics.jsonl row of one epoch (before evaluation keys are added)."""
+    rewards = torch.tensor([t.reward for t in got.batch], dtype=torch.float64)
+    used, dropped = len(got.batch), len(got.dropped)
+    return {
+        "epoch": epoch,
+        "policy_version": policy_version,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(unbiased=False)),
+        "samples": used,
+        "samples_per_s": used / seconds if seconds > 0 else None,
+        **train_metrics,
+        "policy_lag_mean": sum(lags) / len(lags) if lags else 0.0,
+        "policy_lag_max": max(lags, default=0),
+        "dropped_stale": dropped,
+        "dropped_stale_frac": dropped / (used + dropped) if used + dropped else 0.0,
+        "epoch_s": seconds,
+        "time": time.time(),
+    }
+
+
+def load_unet_weights(unet: torch.nn.Module, directory: Path) -> None:
+    """Load a diffusers-format UNet directory's weights into `unet` in place (full fine-tuning's resume)."""
+    trained = type(unet).from_pretrained(directory, torch_dtype=torch.float32)
+    unet.load_state_dict(trained.state_dict())
+
+
+def _keep_rows(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep only the JSONL rows for which keep(row) is true (resume drops rows of epochs not in the checkpoint)."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if keep(r)))
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

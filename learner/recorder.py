@@ -1,0 +1,70 @@
+"""What an epoch leaves in the run directory besides checkpoints: the metrics.jsonl row, the sample grid, the held-out
+evaluation, the reward curve, TensorBoard; and report.html at the end."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from learner.learner import Learner
+from learner.loop import append_jsonl
+from services.config import TrainConfig
+from services.trajectory import ScoredTrajectory
+
+logger = logging.getLogger(__name__)
+
+
+class EpochRecorder:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        learner: Learner,
+        replicas: dict[str, list[str]],
+        resume_epoch: int | None = None,
+    ) -> None:
+        from actors.reward_client import SyncRewardClient
+        from services.artifacts import RunArtifacts
+        from services.evaluation import eval_reward_names, score_fns_for
+
+        self.cfg, self.run_dir, self.learner = cfg, Path(run_dir), learner
+        self.artifacts = RunArtifacts(run_dir, cfg, resume_epoch=resume_epoch)
+        self.client = None
+        if cfg.evaluation.every:
+            needs_http = any(not n.startswith("jpeg") for n in eval_reward_names(cfg))
+            if needs_http:
+                self.client = SyncRewardClient.from_config(cfg.reward, replicas)
+        self.score_fns = score_fns_for(cfg, self.client) if cfg.evaluation.every else {}
+
+    def _eval_due(self, epoch: int) -> bool:
+        every = self.cfg.evaluation.every
+        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.num_epochs)
+
+    def record(self, row: dict, batch: list[ScoredTrajectory]) -> None:
+        from services.diffusion import decode_latents
+        from services.evaluation import evaluate
+        from services.images import tensor_to_pil
+
+        epoch = row["epoch"]
+        if self._eval_due(epoch):
+            result = evaluate(self.learner.pipe, self.cfg, self.score_fns, epoch)
+            row.update(result.metrics())
+            self.artifacts.log_eval(epoch, result)
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        shown = batch[: self.cfg.logging.images_per_epoch]
+        images = []
+        if shown:
+            x0 = torch.stack([t.latents[-1] for t in shown]).to(self.learner.device)
+            images = tensor_to_pil(decode_latents(self.learner.pipe, x0))
+        self.artifacts.log_epoch(row, images, [t.prompt for t in shown], [t.reward for t in shown])
+        self.artifacts.write_curves()
+
+    def close(self) -> None:
+        from services.report import write_report
+
+        self.artifacts.close()
+        if self.client is not None:
+            self.client.close()
+        write_report(self.run_dir)
