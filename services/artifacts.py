@@ -4,7 +4,9 @@ Run-directory files written here (the rest of the layout is in DESIGN.md):
 
     images/epoch_NNNN.png       the epoch's samples, each captioned with its prompt and reward
     images/eval_epoch_NNNN.png  held-out evaluation: rows = prompts, columns = fixed seeds (same in every epoch)
-    eval/epoch_NNNN.json        held-out evaluation scores, prompts and seeds
+    images/eval_strips.png      held-out evaluation: a row per (prompt, seed), the evaluated epochs side by side
+    eval/epoch_NNNN.json        held-out evaluation scores, prompts, seeds and image files
+    eval/epoch_NNNN/II.png      the held-out images themselves (II = position in the JSON's lists)
     reward_curve.png            reward mean +- std per epoch, and the evaluation curves
     tb/                         TensorBoard events: every numeric metric at step = epoch, and the grids
 
@@ -19,6 +21,7 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,15 +138,85 @@ def eval_grid(result: EvalResult) -> Image.Image:
 
 
 def write_eval_files(run_dir: str | Path, result: EvalResult) -> tuple[Path, Path]:
-    """eval/epoch_NNNN.json (scores, prompts, seeds, metrics) and images/eval_epoch_NNNN.png; returns both paths."""
+    """eval/epoch_NNNN.json (scores, prompts, seeds, metrics, image files), each image as eval/epoch_NNNN/II.png,
+    images/eval_epoch_NNNN.png, and a refreshed images/eval_strips.png; returns the JSON and grid paths."""
     run_dir = Path(run_dir)
-    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    image_dir = run_dir / "eval" / f"epoch_{result.epoch:04d}"
+    image_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, image in enumerate(result.images):
+        image.save(image_dir / f"{i:02d}.png")
+        files.append(f"eval/{image_dir.name}/{i:02d}.png")
     json_path = run_dir / "eval" / f"epoch_{result.epoch:04d}.json"
-    json_path.write_text(json.dumps(result.to_json(), indent=1))
+    json_path.write_text(json.dumps({**result.to_json(), "files": files}, indent=1))
     grid_path = run_dir / "images" / f"eval_epoch_{result.epoch:04d}.png"
     eval_grid(result).save(grid_path)
+    strips = eval_strips_image(run_dir)
+    if strips is not None:
+        strips.save(run_dir / "images" / "eval_strips.png")
     return json_path, grid_path
+
+
+@dataclass
+class EvalStrip:
+    """One held-out prompt and seed across the evaluated epochs."""
+
+    prompt: str
+    seed: int
+    cells: list[tuple[int, str, dict[str, float]]]  # (epoch, image path relative to the run dir, scores)
+
+
+def eval_strips(run_dir: str | Path) -> list[EvalStrip]:
+    """The held-out evaluation as one strip per (prompt, seed), epochs in order (from eval/epoch_NNNN.json files
+    that list their images)."""
+    strips: dict[tuple[str, int], EvalStrip] = {}
+    for path in sorted(Path(run_dir).glob("eval/epoch_*.json")):
+        data = json.loads(path.read_text())
+        for i, file in enumerate(data.get("files", [])):
+            key = (data["prompts"][i], int(data["seeds"][i]))
+            strip = strips.setdefault(key, EvalStrip(key[0], key[1], []))
+            scores = {name: float(values[i]) for name, values in data["scores"].items()}
+            strip.cells.append((int(data["epoch"]), file, scores))
+    for strip in strips.values():
+        strip.cells.sort(key=lambda cell: cell[0])
+    return list(strips.values())
+
+
+def eval_strips_image(run_dir: str | Path, max_epochs: int = 8) -> Image.Image | None:
+    """images/eval_strips.png: a row per held-out (prompt, seed), its evaluated epochs side by side (at most
+    `max_epochs` of them, evenly spaced, first and last included)."""
+    strips = eval_strips(run_dir)
+    if not strips:
+        return None
+    epochs = sorted({cell[0] for strip in strips for cell in strip.cells})
+    if len(epochs) > max_epochs:
+        picks = np.linspace(0, len(epochs) - 1, max_epochs).round().astype(int)
+        epochs = [epochs[i] for i in sorted(set(picks.tolist()))]
+    images, captions = [], []
+    for strip in strips:
+        by_epoch = {cell[0]: cell for cell in strip.cells}
+        for epoch in epochs:
+            cell = by_epoch.get(epoch)
+            if cell is None:
+                images.append(Image.new("RGB", (CELL_PX // 4, CELL_PX // 4), "white"))
+                captions.append([f"{strip.prompt} / seed {strip.seed}", f"epoch {epoch}: -"])
+                continue
+            images.append(Image.open(Path(run_dir) / cell[1]))
+            scores = " / ".join(f"{value:.4g}" for value in cell[2].values())
+            captions.append([f"{strip.prompt} / seed {strip.seed}", f"epoch {epoch}: {scores}"])
+    grid = captioned_grid(images, captions, columns=len(epochs), cell=CELL_PX * 5 // 8)
+    names = " / ".join(dict.fromkeys(name for strip in strips for cell in strip.cells for name in cell[2]))
+    return _with_title(grid, f"held-out evaluation ({names}): rows = prompt and seed, columns = epochs")
+
+
+def _with_title(image: Image.Image, title: str) -> Image.Image:
+    """`image` under one line of text."""
+    line_px = CAPTION_FONT_PX + 8
+    out = Image.new("RGB", (image.width, image.height + line_px), "white")
+    ImageDraw.Draw(out).text((4, 4), title, fill="black", font=_font())
+    out.paste(image, (0, line_px))
+    return out
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import yaml
 
-from services.artifacts import eval_points, plot_reward_curve, read_metrics
+from services.artifacts import eval_points, eval_strips, plot_reward_curve, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ table { border-collapse: collapse; font-size: .85em; } td, th { border: 1px soli
 th { background: #f4f4f4; position: sticky; top: 0; } td { text-align: right; font-variant-numeric: tabular-nums; }
 .scroll { overflow: auto; max-height: 40em; } figure { margin: 1em 0; } figcaption { font-weight: 600; }
 img { max-width: 100%; border: 1px solid #eee; } pre { background: #f7f7f7; padding: 1em; overflow: auto; }
+table.strips td, th.strip { text-align: center; vertical-align: top; font-size: .8em; }
+img.strip { width: 128px; image-rendering: pixelated; }
 """
 
 
@@ -61,6 +63,31 @@ def _figures(run_dir: Path, paths: list[Path], label: str) -> str:
         "</figure>"
         for p in paths
     )
+
+
+def _strips_table(run_dir: Path) -> str:
+    """The held-out images as one row per (prompt, seed), the evaluated epochs side by side, scores underneath."""
+    strips = eval_strips(run_dir)
+    if not strips:
+        return ""
+    epochs = sorted({cell[0] for strip in strips for cell in strip.cells})
+    head = "<th>prompt / seed</th>" + "".join(f"<th>epoch {e}</th>" for e in epochs)
+    body = []
+    for strip in strips:
+        by_epoch = {cell[0]: cell for cell in strip.cells}
+        cells = [f'<th class="strip">{html.escape(strip.prompt)}<br>seed {strip.seed}</th>']
+        for epoch in epochs:
+            cell = by_epoch.get(epoch)
+            if cell is None:
+                cells.append("<td></td>")
+                continue
+            src = quote(cell[1])
+            scores = "<br>".join(f"{html.escape(k)} {_fmt(v)}" for k, v in cell[2].items())
+            cells.append(
+                f'<td class="strip"><img class="strip" src="{src}" alt="epoch {epoch}"><br>{scores}</td>'
+            )
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table class="strips"><tr>{head}</tr>{"".join(body)}</table></div>'
 
 
 def _curve_section(run_dir: Path, reward_name: str) -> str:
@@ -102,12 +129,18 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Reward curve</h2>",
         _curve_section(run_dir, reward_name),
         "<h2>Held-out evaluation</h2>",
-        "<p>The same prompts and seeds at every evaluated epoch (rows: prompts, columns: seeds).</p>"
+        "<p>The same prompts and seeds at every evaluated epoch: one row per prompt and seed, the epochs side by "
+        "side, so the change is visible at a glance.</p>"
         if eval_grids or evals
         else "<p>No held-out evaluation in this run (set evaluation.every and evaluation.prompts, or run "
         "<code>ddpo eval RUN_DIR</code>).</p>",
+        _strips_table(run_dir),
         eval_table,
-        _figures(run_dir, eval_grids, "evaluation after epoch"),
+        f"<details><summary>{len(eval_grids)} evaluation grids (one per epoch)</summary>"
+        + _figures(run_dir, eval_grids, "evaluation after epoch")
+        + "</details>"
+        if eval_grids
+        else "",
         "<h2>Samples per epoch</h2>",
         f"<details{' open' if len(sample_grids) <= 4 else ''}><summary>{len(sample_grids)} grids</summary>"
         + _figures(run_dir, sample_grids, "epoch")
