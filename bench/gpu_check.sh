@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 6's GPU check: the sd15 sampler and learner benchmarks on one GPU, one JSON line each, into $OUT.
+# The GPU check: gradients at the presets' precision, and the sd15 sampler and learner benchmarks, on one GPU;
+# one JSON line each, into $OUT.
 #
 #   device tool:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)   (about 8-9 minutes)
 #   here (CPU):   OUT=/tmp/gpu-check PYTHON=.venv/bin/python bash bench/gpu_check.sh --preset tiny
@@ -31,6 +32,8 @@ bench() {  # bench NAME SECONDS FLAGS...: $OUT/NAME.json (the JSON line) and $OU
   echo "$name: exit $? $(cat "$OUT/$name.json")"
 }
 
+# the LoRA gradient of float16 (loss-scaled and not) and bfloat16 bases vs float32, SD 1.5 shapes and divisor
+bench precision 180
 if [ "$PRESET" = sd15 ]; then
   # 8 images x 50 steps, CFG: fp16 eager vs bf16 + autocast + compile + channels-last (the default fast path)
   bench sampler 240 --rounds 3

@@ -2,7 +2,8 @@
 
 The compressibility preset back-propagates loss / (16 micro-batches x 50 timesteps) through a UNet whose log-prob
 is a mean over 4 x 64 x 64 latent elements. In float16 that gradient underflows without loss scaling; these tests
-compute a few timesteps of the real learner path at full shape and compare the LoRA gradients with float32's.
+compute two timesteps of the real learner path at full shape (`bench.precision`, which `ddpo bench precision` runs
+on a GPU at SD 1.5's architecture) and compare the LoRA gradients with float32's.
 """
 
 from __future__ import annotations
@@ -10,94 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.learner import EpochBatch, Learner
+from bench.precision import cosine, lora_gradient, preset_config, transitions
+from learner.learner import Learner
 from learner.optim import needs_loss_scaling
-from services.config import load_config
-from services.diffusion import ddim_step_with_logprob, encode_prompts, guided_noise_pred
-from services.models import load_pipeline
-from services.trajectory import ScoredTrajectory
-
-TRAINED_STEPS = (10, 40)  # two of the preset's 50 step indices
 
 
 def preset(tiny_sd_path: str, dtype: str):
-    return load_config(
-        "compressibility",
-        [
-            f"model.pretrained={tiny_sd_path}",
-            f"model.dtype={dtype}",
-            "model.device=cpu",
-            "sampling.resolution=512",
-        ],
-    )
+    return preset_config(tiny_sd_path, dtype, "cpu")
 
 
 @pytest.fixture(scope="module")
-def transitions(tiny_sd_path):
+def sample(tiny_sd_path):
     """One sample's (x_t, x_{t-1}) at two of the preset's steps, drawn from the float32 policy at 4 x 64 x 64."""
-    cfg = preset(tiny_sd_path, "float32")
-    pipe = load_pipeline(cfg.model, cfg.lora, seed=cfg.seed)
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(cfg.sampling.num_steps)
-    g = torch.Generator().manual_seed(0)
-    T = cfg.sampling.num_steps
-    latents = torch.zeros(1, T + 1, 4, 64, 64)
-    log_probs = torch.zeros(1, T)
-    embeds = encode_prompts(pipe, ["a cat"])
-    neg = encode_prompts(pipe, [""])
-    with torch.no_grad():
-        for i in TRAINED_STEPS:
-            t = scheduler.timesteps[i]
-            x_t = torch.randn(1, 4, 64, 64, generator=g) * (1 - scheduler.alphas_cumprod[t]).sqrt()
-            eps = guided_noise_pred(pipe.unet, x_t, t.reshape(1), embeds, neg, cfg.sampling.guidance_scale)
-            x_prev, log_prob = ddim_step_with_logprob(
-                scheduler, eps, t, x_t, eta=cfg.sampling.eta, generator=g
-            )
-            latents[0, i], latents[0, i + 1], log_probs[0, i] = x_t, x_prev, log_prob
-    return ScoredTrajectory(
-        latents=latents[0], log_probs=log_probs[0], timesteps=scheduler.timesteps.clone().long(), prompt="a cat",
-        reward=1.0,
-    )  # fmt: skip
-
-
-def lora_gradient(
-    tiny_sd_path: str, dtype: str, traj: ScoredTrajectory, loss_scaling: bool = True
-) -> torch.Tensor:
-    """The unscaled LoRA gradient the preset's optimizer step would see from this sample's two trained steps."""
-    cfg = preset(tiny_sd_path, dtype)
-    learner = Learner(cfg)
-    assert next(learner.unet.parameters()).dtype == {"float32": torch.float32, "float16": torch.float16,
-                                                       "bfloat16": torch.bfloat16}[dtype]  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    for name, p in learner.unet.named_parameters():  # B != 0, so every LoRA matrix gets a gradient
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 1e-2
-    learner.optim.loss_scaling = loss_scaling and learner.optim.loss_scaling
-    if not learner.optim.loss_scaling:
-        learner.optim.scaler = torch.amp.GradScaler("cpu", enabled=False)
-    data = EpochBatch.stack([traj], learner.device)
-    rows = torch.tensor([0])
-    embeds = encode_prompts(learner.pipe, ["a cat"]).to(learner.unet.dtype)
-    t = cfg.training
-    # the preset's scaling: a micro-batch of batch_size samples (this one's share is 1 / batch_size), and the
-    # divisor gradient_accumulation_steps x trained timesteps
-    share = 1.0 / t.batch_size
-    divisor = t.gradient_accumulation_steps * cfg.num_train_timesteps
-    assert divisor == 16 * 50
-    for step in TRAINED_STEPS:
-        loss, _ = learner.policy_gradient_loss(data, rows, torch.tensor([step]), embeds, torch.tensor([1.0]))
-        learner.optim.backward(loss * share / divisor)
-    grads = learner.optim.unscaled_gradients()
-    return torch.cat([g.reshape(-1) for g in grads])
+    return transitions(tiny_sd_path, "cpu")
 
 
 @pytest.fixture(scope="module")
-def float32_gradient(tiny_sd_path, transitions):
-    return lora_gradient(tiny_sd_path, "float32", transitions)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+def float32_gradient(tiny_sd_path, sample):
+    return lora_gradient(tiny_sd_path, "float32", "cpu", sample)
 
 
 def test_loss_scaling_is_on_exactly_when_a_float16_forward_is_trained(tiny_sd_path):
@@ -110,18 +41,65 @@ def test_loss_scaling_is_on_exactly_when_a_float16_forward_is_trained(tiny_sd_pa
 
 
 @pytest.mark.slow
-def test_float16_base_gradient_matches_float32_with_loss_scaling(tiny_sd_path, transitions, float32_gradient):
-    fp16 = lora_gradient(tiny_sd_path, "float16", transitions)
+def test_float16_base_gradient_matches_float32_with_loss_scaling(tiny_sd_path, sample, float32_gradient):
+    fp16 = lora_gradient(tiny_sd_path, "float16", "cpu", sample)
     zeros32, zeros16 = int((float32_gradient == 0).sum()), int((fp16 == 0).sum())
     assert cosine(fp16, float32_gradient) >= 0.99
     assert zeros16 <= zeros32, (zeros16, zeros32)
     # the reason: without the scale the same gradient flushes to zero in float16
-    unscaled = lora_gradient(tiny_sd_path, "float16", transitions, loss_scaling=False)
+    unscaled = lora_gradient(tiny_sd_path, "float16", "cpu", sample, loss_scaling=False)
     assert int((unscaled == 0).sum()) > 0.5 * unscaled.numel() > zeros32
     assert cosine(unscaled, float32_gradient) < 0.5
 
 
-def test_bfloat16_base_gradient_matches_float32(tiny_sd_path, transitions, float32_gradient):
-    bf16 = lora_gradient(tiny_sd_path, "bfloat16", transitions)
+def test_bfloat16_base_gradient_matches_float32(tiny_sd_path, sample, float32_gradient):
+    bf16 = lora_gradient(tiny_sd_path, "bfloat16", "cpu", sample)
     assert cosine(bf16, float32_gradient) >= 0.95
     assert int((bf16 == 0).sum()) <= int((float32_gradient == 0).sum())
+
+
+def test_a_non_finite_step_is_skipped_counted_and_backs_the_scale_off(tiny_train_config):
+    from learner.optim import ScaledOptimizer
+
+    cfg = tiny_train_config(model={"dtype": "float16"})
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ScaledOptimizer([w], cfg, torch.device("cpu"))
+    assert opt.loss_scaling and opt.scale == 2.0**16
+    opt.backward((w * float("inf")).sum())
+    result = opt.step()
+    assert result.skipped and opt.skipped_steps == 1
+    assert torch.equal(w.detach(), torch.ones(3))  # nothing changed
+    assert opt.scale == 2.0**15  # backed off
+    opt.backward((w * 2.0).sum())
+    result = opt.step()
+    assert not result.skipped and result.grad_norm == pytest.approx(2 * 3**0.5)  # unscaled before clipping
+    assert not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_loss_scale_is_checkpointed_and_survives_resume(tiny_train_config, tmp_path):
+    from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    cfg = tiny_train_config(model={"dtype": "float16"})
+    learner = Learner(cfg)
+    assert learner.optim.loss_scaling
+    learner.optim.backward(learner.params[0].float().sum() * float("inf"))  # an overflow: the scale backs off
+    assert learner.optim.step().skipped and learner.optim.scale == 2.0**15
+    save_checkpoint(tmp_path, 0, learner.state_dict())
+    resumed = Learner(cfg)
+    assert resumed.optim.scale == 2.0**16
+    resumed.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)))
+    assert resumed.optim.scale == 2.0**15
+
+
+def test_an_epoch_without_gradient_warns_what_to_check(tiny_train_config, caplog):
+    from actors.sampler import Sampler
+
+    cfg = tiny_train_config()
+    learner = Learner(cfg)
+    batch = Sampler(cfg, pipeline=learner.pipe).sample_scored()
+    for t in batch:
+        t.reward = 1.0  # every reward equal: every advantage is 0
+    with caplog.at_level("WARNING", logger="learner.learner"):
+        metrics = learner.train_epoch(batch)
+    assert metrics["grad_norm"] == 0.0
+    assert "gradient norm was 0" in caplog.text and "advantage_abs_mean" in caplog.text
