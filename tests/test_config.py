@@ -82,15 +82,17 @@ def test_every_field_has_a_doc_line():
 
 
 def test_ddpo_sf_off_policy_is_refused_naming_the_fields():
-    # quickstart: 32 samples per epoch, micro-batches of 8, no accumulation -> 4 optimizer steps per epoch
+    # quickstart: 32 samples per epoch, micro-batches of 8; with no accumulation -> 4 optimizer steps per epoch
+    sf = ["training.objective=ddpo_sf"]
     with pytest.raises(
         ConfigError, match=r"ddpo_sf.*one optimizer step per epoch.*gradient_accumulation_steps=4"
     ):
-        load_config("quickstart", ["training.objective=ddpo_sf", "cluster.max_policy_lag=0"])
+        load_config("quickstart", [*sf, "training.gradient_accumulation_steps=1"])
+    with pytest.raises(ConfigError, match=r"ddpo_sf.*one optimizer step per epoch"):
+        load_config("quickstart", [*sf, "training.num_inner_epochs=2"])
     with pytest.raises(ConfigError, match=r"ddpo_sf.*cluster\.max_policy_lag must be 0"):
-        load_config("quickstart", ["training.objective=ddpo_sf", "training.gradient_accumulation_steps=4"])
-    cfg = load_config("quickstart", ["training.objective=ddpo_sf", "training.gradient_accumulation_steps=4",
-                                     "cluster.max_policy_lag=0"])  # fmt: skip
+        load_config("quickstart", [*sf, "cluster.max_policy_lag=1"])
+    cfg = load_config("quickstart", sf)  # one update per epoch, synchronous: on-policy
     assert cfg.updates_per_epoch == 1
 
 
