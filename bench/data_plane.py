@@ -19,9 +19,8 @@ import uuid
 import redis
 import torch
 
-from services.codec import encode_trajectory
 from services.streams import TrajectoryStream
-from services.trajectory import ScoredTrajectory
+from services.trajectory import ScoredTrajectory, encode_trajectory
 
 # preset -> (T denoising steps, C, h, w) of the latents; sd15 is 512 px SD 1.5 with 50 DDIM steps
 PRESETS: dict[str, tuple[int, int, int, int]] = {"tiny": (10, 4, 8, 8), "sd15": (50, 4, 64, 64)}

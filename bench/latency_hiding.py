@@ -48,8 +48,15 @@ from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
 
+from actors.sampler import Sampler, SamplerWorker
 from bench.sd15 import machine
+from services.app.infra import free_port
+from services.config import build_config
 from services.images import jpeg_kb
+from services.keys import RunKeys
+from services.models import quiet_model_loading
+from services.streams import redis_client
+from services.tiny_models import write_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
 DELAY_ENV = "DDPO_BENCH_REWARD_DELAY_S"
@@ -90,8 +97,6 @@ def app_from_env() -> FastAPI:
 @contextlib.contextmanager
 def delayed_server(delay_s: float, timeout_s: float = 60.0) -> Iterator[str]:
     """Run `delayed_jpeg_app(delay_s)` under uvicorn in a subprocess on a free loopback port; yield its URL."""
-    from services.infra import free_port
-
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", "bench.latency_hiding:app_from_env", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
@@ -122,8 +127,6 @@ def delayed_server(delay_s: float, timeout_s: float = 60.0) -> Iterator[str]:
 
 # ---- the actors ------------------------------------------------------------------------------------------------
 def make_config(args: argparse.Namespace, model_dir: str, url: str, max_inflight: int):
-    from services.config import build_config
-
     total = (args.warmup + args.batches * args.rounds) * args.batch
     return build_config(
         {
@@ -152,8 +155,6 @@ def make_config(args: argparse.Namespace, model_dir: str, url: str, max_inflight
 
 def time_one_batch(cfg) -> float:
     """Seconds of one warm `Sampler.sample` batch (the worker's sampling cost, used to size max_inflight)."""
-    from actors.sampler import Sampler
-
     sampler = Sampler(cfg, actor_id="timing")
     sampler.sample()
     seconds = []
@@ -191,7 +192,7 @@ def timed_run(worker, clock: SampleClock, batches: int) -> tuple[float, float, f
 
 
 def delete_run_keys(r, run_id: str) -> None:
-    keys = list(r.scan_iter(match=f"ddpo:{run_id}:*", count=1000))
+    keys = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
     if keys:
         r.delete(*keys)
 
@@ -213,11 +214,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from actors.sampler_worker import SamplerWorker
-    from learner.learner_worker import quiet_model_loading
-    from services.infra import redis_client
-    from services.tiny_models import write_tiny_sd
-
     args = parse_args(argv)
     quiet_model_loading()
     torch.set_num_threads(

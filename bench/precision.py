@@ -25,6 +25,7 @@ from learner.learner import EpochBatch, Learner
 from services.config import TrainConfig, load_config
 from services.diffusion import ddim_step_with_logprob, encode_prompts, guided_noise_pred
 from services.models import DTYPES, load_pipeline
+from services.tiny_models import write_tiny_sd
 from services.trajectory import ScoredTrajectory
 
 TRAINED_STEPS = (10, 40)  # two of the preset's 50 step indices
@@ -137,8 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.preset == "sd15":
             build_sd15_pipeline("cpu", torch.float32).save_pretrained(model_dir, safe_serialization=True)
         else:
-            from services.tiny_models import write_tiny_sd
-
             write_tiny_sd(model_dir)
         figures = compare(str(model_dir), str(device))
     result = {

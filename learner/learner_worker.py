@@ -9,36 +9,15 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
+from learner.group import BATCH, STATE, STOP, LearnerGroup, encode_batch, encode_state, node_address
 from learner.learner import Learner
-from learner.loop import EpochLoop
+from learner.loop import CONSUMER, EpochLoop, StreamSource
 from learner.recorder import EpochRecorder
-from learner.stream_source import CONSUMER, StreamSource
-from services.config import TrainConfig
-from services.infra import redis_client
-from services.models import DTYPES
-from services.streams import TrajectoryStream, WeightChannel
+from services.keys import RunKeys
+from services.models import DTYPES, worker_config
+from services.streams import TrajectoryStream, WeightChannel, redis_client
 
 logger = logging.getLogger(__name__)
-
-
-def quiet_model_loading() -> None:
-    """No per-component progress bars from diffusers/transformers in actor logs."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def worker_config(cfg_json: str) -> TrainConfig:
-    """A Ray worker's config from the driver's JSON; also quiets model loading and sets the torch threads."""
-    cfg = TrainConfig.model_validate_json(cfg_json)
-    quiet_model_loading()
-    if cfg.cluster.torch_threads:
-        torch.set_num_threads(cfg.cluster.torch_threads)
-    return cfg
 
 
 class LearnerWorker:
@@ -60,7 +39,7 @@ class LearnerWorker:
         self.run_id = run_id
         self.run_dir = Path(run_dir)
         self.redis = redis_client(redis_url)
-        self.redis.hset(f"ddpo:{run_id}:pids", CONSUMER, os.getpid())
+        self.redis.hset(RunKeys(run_id).pids, CONSUMER, os.getpid())
         self.stream = TrajectoryStream(
             self.redis,
             run_id,
@@ -75,8 +54,6 @@ class LearnerWorker:
 
     def master_address(self) -> str:
         """Rendezvous address of the learner group on this node (data-parallel learners only)."""
-        from learner.group import node_address
-
         return node_address()
 
     def setup(self, master: str | None = None) -> None:
@@ -84,8 +61,6 @@ class LearnerWorker:
         cfg = self.cfg
         before_update = None
         if self.world_size > 1:
-            from learner.group import BATCH, STATE, LearnerGroup, encode_batch, encode_state
-
             self.group = LearnerGroup(0, self.world_size, master)
             group = self.group
 
@@ -127,8 +102,6 @@ class LearnerWorker:
             return self.loop.run()
         finally:
             if self.group is not None:
-                from learner.group import STOP
-
                 self.group.send(STOP)
                 self.group.close()
 

@@ -10,7 +10,14 @@ import torch
 
 from learner.learner import Learner
 from learner.loop import append_jsonl
+from services.artifacts import RunArtifacts
 from services.config import TrainConfig
+from services.diffusion import decode_latents
+from services.evaluation import eval_reward_names, evaluate, score_fns_for
+from services.images import tensor_to_pil
+from services.report import write_report
+from services.reward_client import SyncRewardClient
+from services.rewards import is_local
 from services.trajectory import ScoredTrajectory
 
 logger = logging.getLogger(__name__)
@@ -25,17 +32,11 @@ class EpochRecorder:
         replicas: dict[str, list[str]],
         resume_epoch: int | None = None,
     ) -> None:
-        from actors.reward_client import SyncRewardClient
-        from services.artifacts import RunArtifacts
-        from services.evaluation import eval_reward_names, score_fns_for
-
         self.cfg, self.run_dir, self.learner = cfg, Path(run_dir), learner
         self.artifacts = RunArtifacts(run_dir, cfg, resume_epoch=resume_epoch)
         self.client = None
-        if cfg.evaluation.every:
-            needs_http = any(not n.startswith("jpeg") for n in eval_reward_names(cfg))
-            if needs_http:
-                self.client = SyncRewardClient.from_config(cfg.reward, replicas)
+        if cfg.evaluation.every and not all(is_local(name) for name in eval_reward_names(cfg)):
+            self.client = SyncRewardClient.from_config(cfg.reward, replicas)
         self.score_fns = score_fns_for(cfg, self.client) if cfg.evaluation.every else {}
 
     def _eval_due(self, epoch: int) -> bool:
@@ -43,10 +44,6 @@ class EpochRecorder:
         return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.num_epochs)
 
     def record(self, row: dict, batch: list[ScoredTrajectory]) -> None:
-        from services.diffusion import decode_latents
-        from services.evaluation import evaluate
-        from services.images import tensor_to_pil
-
         epoch = row["epoch"]
         if self._eval_due(epoch):
             result = evaluate(self.learner.pipe, self.cfg, self.score_fns, epoch)
@@ -62,8 +59,6 @@ class EpochRecorder:
         self.artifacts.write_curves()
 
     def close(self) -> None:
-        from services.report import write_report
-
         self.artifacts.close()
         if self.client is not None:
             self.client.close()

@@ -20,10 +20,13 @@ import torch
 from fastapi import APIRouter, FastAPI
 from PIL import Image
 from pydantic import Field
+from safetensors.torch import load_file
 from torch import nn
 
 from reward_servers import kit
-from reward_servers.schemas import ImagesRequest, ScoreResponse
+from services.reward_api import SERVER_APIS, ImagesRequest, ScoreResponse
+
+API = SERVER_APIS["aesthetic"]  # the endpoint and bodies of the HTTP contract
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +72,6 @@ def load_mlp_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an MLP head from .safetensors or .pth (tensors only: never unpickles code)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     if path.suffix in (".pth", ".pt", ".bin"):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -114,6 +115,7 @@ class AestheticScorer:
 
 def load_scorer(settings: AestheticSettings) -> AestheticScorer:
     """Load CLIP, its processor and the MLP head; the MLP's input size must be CLIP's projection size."""
+    # lazily: `ddpo serve` imports every server module, and only the served model needs transformers
     from transformers import AutoImageProcessor, CLIPModel
 
     clip_id, mlp_path = resolve_weights(settings)
@@ -136,7 +138,7 @@ def create_app(settings: AestheticSettings) -> FastAPI:
     """The aesthetic server's app: POST /v1/score plus the kit's endpoints."""
     router = APIRouter(tags=["aesthetic"])
 
-    @router.post("/v1/score", response_model=ScoreResponse, responses=kit.V1_ERRORS)
+    @router.post(API.path, response_model=API.response, responses=kit.V1_ERRORS)
     async def score(body: ImagesRequest, inference: kit.InferenceDep) -> ScoreResponse:
         """Aesthetic score of each image (about 1-10 with the published weights)."""
         images = await inference.decode_images(body.images)

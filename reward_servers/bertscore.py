@@ -21,7 +21,9 @@ from fastapi import APIRouter, FastAPI
 from pydantic import Field
 
 from reward_servers import kit
-from reward_servers.schemas import BertScoreResponse, TextPairsRequest
+from services.reward_api import SERVER_APIS, BertScoreResponse, TextPairsRequest
+
+API = SERVER_APIS["bertscore"]  # the endpoint and bodies of the HTTP contract
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class BertScorer:
 
 def load_scorer(settings: BertScoreSettings) -> BertScorer:
     """AutoTokenizer + AutoModel from a hub id or directory, and the layer to compare (checked against the model)."""
+    # lazily: `ddpo serve` imports every server module, and only the served model needs transformers
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
@@ -150,7 +153,7 @@ def create_app(settings: BertScoreSettings) -> FastAPI:
     """The bertscore server's app: POST /v1/score plus the kit's endpoints."""
     router = APIRouter(tags=["bertscore"])
 
-    @router.post("/v1/score", response_model=BertScoreResponse, responses=kit.V1_ERRORS)
+    @router.post(API.path, response_model=API.response, responses=kit.V1_ERRORS)
     async def score(body: TextPairsRequest, inference: kit.InferenceDep) -> BertScoreResponse:
         """BERTScore of `candidates[i]` against `references[i]` (recall is the paper's prompt alignment)."""
         inference.check_count(len(body.candidates), noun="text pairs")

@@ -11,8 +11,10 @@ from PIL import Image
 from pydantic import Field
 
 from reward_servers import kit
-from reward_servers.schemas import ImagesRequest, JpegScoreResponse
 from services.images import jpeg_kb
+from services.reward_api import SERVER_APIS, ImagesRequest, JpegScoreResponse
+
+API = SERVER_APIS["jpeg"]  # the endpoint and bodies of the HTTP contract
 
 
 class JpegSettings(kit.ServerSettings):
@@ -30,7 +32,7 @@ def create_app(settings: JpegSettings) -> FastAPI:
     """The jpeg server's app: POST /v1/score plus the kit's endpoints."""
     router = APIRouter(tags=["jpeg"])
 
-    @router.post("/v1/score", response_model=JpegScoreResponse, responses=kit.V1_ERRORS)
+    @router.post(API.path, response_model=API.response, responses=kit.V1_ERRORS)
     async def score(body: ImagesRequest, inference: kit.InferenceDep) -> JpegScoreResponse:
         """JPEG size of each image in kB, and its negation as the compressibility score."""
         images = await inference.decode_images(body.images)

@@ -18,7 +18,9 @@ from PIL import Image
 from pydantic import Field
 
 from reward_servers import kit
-from reward_servers.schemas import AnswerRequest, AnswerResponse
+from services.reward_api import SERVER_APIS, AnswerRequest, AnswerResponse
+
+API = SERVER_APIS["llava"]  # the endpoint and bodies of the HTTP contract
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class LlavaAnswerer:
 
 def load_answerer(settings: LlavaSettings) -> LlavaAnswerer:
     """LlavaForConditionalGeneration + AutoProcessor from a hub id or directory (no remote code)."""
+    # lazily: `ddpo serve` imports every server module, and only the served model needs transformers
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     dtype = settings.torch_dtype()
@@ -119,7 +122,7 @@ def create_app(settings: LlavaSettings) -> FastAPI:
         if answerer.count_tokens(question) > settings.max_question_tokens:
             raise HTTPException(422, f"{where} is over the limit of {settings.max_question_tokens} tokens")
 
-    @router.post("/v1/answer", response_model=AnswerResponse, responses=kit.V1_ERRORS)
+    @router.post(API.path, response_model=API.response, responses=kit.V1_ERRORS)
     async def answer(body: AnswerRequest, inference: kit.InferenceDep) -> AnswerResponse:
         """Greedy answers, `answers[i][j]` for `questions[i][j]` about `images[i]`."""
         if body.max_new_tokens > settings.max_new_tokens:

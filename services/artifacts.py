@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from services.config import TrainConfig
@@ -273,10 +276,6 @@ def plot_reward_curve(run_dir: str | Path, reward_name: str, out: str | Path) ->
     Panel 1 shows the optimised reward on training prompts and, if evaluated, on the held-out prompts; one more
     panel per watched reward (their scales differ). Uses the Agg canvas directly: no pyplot global state.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     run_dir = Path(run_dir)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "epoch" in r and "reward_mean" in r]
     points = eval_points(run_dir, rows)
@@ -327,6 +326,7 @@ class RunArtifacts:
         (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
         self._tb = None
         if cfg.logging.tensorboard:
+            # lazily: tensorboard's writer pulls in TensorFlow-compatible protobufs, and runs may turn it off
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resume_epoch)
@@ -337,7 +337,7 @@ class RunArtifacts:
         if not project:
             return None
         try:
-            import wandb
+            import wandb  # lazily: an optional dependency, not installed by default
         except ImportError:
             logger.warning("logging.wandb_project=%r but wandb is not installed; W&B logging is off", project)
             return None
@@ -385,7 +385,7 @@ class RunArtifacts:
                 self._tb.add_image("images/samples", np.asarray(grid), global_step=epoch, dataformats="HWC")
             self._tb.flush()
         if self._wandb is not None:
-            import wandb
+            import wandb  # lazily: optional (only reached when _init_wandb imported it)
 
             payload: dict[str, Any] = dict(scalars)
             if grid is not None:
@@ -405,7 +405,7 @@ class RunArtifacts:
             )
             self._tb.flush()
         if self._wandb is not None:
-            import wandb
+            import wandb  # lazily: optional (only reached when _init_wandb imported it)
 
             self._wandb.log({**metrics, "images/eval": wandb.Image(str(grid_path))}, step=epoch)
         return grid_path

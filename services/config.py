@@ -19,7 +19,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.reward_api import SERVER_APIS
+from services.rewards import REWARDS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RewardName = Literal[tuple(REWARDS)]  # type: ignore[valid-type]
+ServerKind = Literal[tuple(SERVER_APIS)]  # type: ignore[valid-type]
 
 
 class _Section(BaseModel):
@@ -159,14 +164,15 @@ class RewardServerConfig(_Section):
 
 
 class RewardConfig(_Section):
-    name: Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "prompt_alignment"] = (
-        "jpeg_compressibility"
-    )
-    """Reward to optimise."""
+    name: RewardName = "jpeg_compressibility"
+    """Reward to optimise (the registry in services/rewards.py: jpeg_compressibility, jpeg_incompressibility,
+    aesthetic, prompt_alignment)."""
     mode: Literal["local", "http"] = "local"
-    """local: computed in the sampling process (jpeg only); http: through the reward servers."""
-    servers: dict[Literal["jpeg", "aesthetic", "llava", "bertscore"], RewardServerConfig] = {}
-    """Reward servers by kind (jpeg, aesthetic, llava, bertscore); prompt_alignment needs llava and bertscore."""
+    """local: computed in the sampling process (rewards that need no model: the jpeg ones); http: through the reward
+    servers."""
+    servers: dict[ServerKind, RewardServerConfig] = {}
+    """Reward servers by kind (jpeg, aesthetic, llava, bertscore); a reward over http needs the kinds it calls
+    (prompt_alignment: llava and bertscore)."""
     timeout_s: float = Field(60.0, gt=0)
     """Timeout of one HTTP reward request."""
     max_retries: int = Field(5, ge=0)
@@ -186,9 +192,7 @@ class EvalConfig(_Section):
     """Base seed of the evaluation noise: the same images' seeds in every epoch."""
     eta: float = Field(0.0, ge=0.0)
     """DDIM eta of evaluation sampling; 0 = deterministic DDIM."""
-    watch_rewards: list[
-        Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "prompt_alignment"]
-    ] = []
+    watch_rewards: list[RewardName] = []
     """Extra rewards scored but not optimised, to show over-optimisation (e.g. aesthetic while optimising jpeg)."""
 
 
@@ -328,13 +332,20 @@ class TrainConfig(_Section):
             )
         if self.training.objective == "ddpo_sf":
             self._check_on_policy()
-        if self.reward.mode == "local" and not self.reward.name.startswith("jpeg"):
-            raise ValueError(f"reward.mode: 'local' supports only the jpeg rewards, not {self.reward.name!r}")
-        if self.reward.mode == "http":
-            needed = {"prompt_alignment": ["llava", "bertscore"], "aesthetic": ["aesthetic"]}.get(
-                self.reward.name, ["jpeg"]
+        reward = REWARDS[self.reward.name]
+        if self.reward.mode == "local" and reward.local is None:
+            raise ValueError(
+                f"reward.mode: 'local' needs a reward computed in process ("
+                f"{', '.join(n for n, r in REWARDS.items() if r.local)}); {self.reward.name!r} needs reward.mode=http"
             )
-            for kind in needed:
+        if self.cluster.in_process and self.reward.mode != "local":
+            raise ValueError(
+                "cluster.in_process: true runs no reward servers: it needs reward.mode=local and a local reward; "
+                f"reward {self.reward.name!r} with reward.mode={self.reward.mode!r} needs the distributed run "
+                "(cluster.in_process=false)"
+            )
+        if self.reward.mode == "http":
+            for kind in reward.servers:
                 server = self.reward.servers.get(kind)
                 if server is None or not (server.urls or server.spawn):
                     raise ValueError(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
 
 from services.trajectory import Trajectory
 
@@ -186,7 +187,7 @@ def sample_trajectory(
     to `latent_dtype` as it is drawn and its log-probability is that of the rounded value, so a trajectory stored
     in `latent_dtype` scores exactly the same when the learner recomputes it (float32: no rounding at all).
     Returns a Trajectory: latents [B, T+1, C, h, w] in `latent_dtype`, log_probs [B, T] float32, timesteps [T],
-    prompt_embeds [B, L, D], images [B, 3, H, W], prompts.
+    images [B, 3, H, W], prompts.
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     device, dtype = unet.device, unet.dtype
@@ -201,8 +202,6 @@ def sample_trajectory(
     steps = scheduler.timesteps
     iterator = steps
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(steps, desc="sampling", leave=False)
     for t in iterator:
         noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
@@ -216,7 +215,6 @@ def sample_trajectory(
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(all_log_probs, dim=1),
         timesteps=steps.detach().clone().long().cpu(),
-        prompt_embeds=prompt_embeds,
         images=images,
         prompts=list(prompts),
     )

@@ -10,22 +10,24 @@ With `evaluation.eta == 0` DDIM is deterministic given the initial noise.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
-from services.config import ConfigError, TrainConfig, load_config
+from services.config import ConfigError, TrainConfig
 from services.diffusion import sample_trajectory
 from services.images import tensor_to_pil
-from services.rewards import LOCAL_REWARDS
+from services.reward_client import SyncRewardClient
+from services.rewards import get_reward
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +121,8 @@ def evaluate(
     prompts, seeds = eval_prompts_and_seeds(cfg)
     s = cfg.sampling
     images = []
-    pairs = list(zip(prompts, seeds, strict=True))
-    if progress:
-        from tqdm.auto import tqdm
-
-        pairs = tqdm(pairs, desc=f"eval epoch {epoch}", leave=False)
+    pairs = tqdm(zip(prompts, seeds, strict=True), total=len(prompts), desc=f"eval epoch {epoch}", leave=False,
+                 disable=not progress)  # fmt: skip
     for prompt, seed in pairs:
         x = render_samples(
             pipeline, prompt, [seed], s.num_steps, s.guidance_scale, cfg.evaluation.eta, s.negative_prompt,
@@ -145,47 +144,19 @@ def eval_reward_names(cfg: TrainConfig) -> list[str]:
     return list(dict.fromkeys([cfg.reward.name, *cfg.evaluation.watch_rewards]))
 
 
-def score_fns_for(cfg: TrainConfig, reward_client: Any = None) -> dict[str, ScoreFn]:
-    """Reward functions for evaluation: jpeg rewards in process, the others through `reward_client`.
-
-    `reward_client` is an `actors.reward_client.SyncRewardClient` (anything with
-    `.score(name, images, prompts, metadata) -> (scores, info)`); required when an http-only reward is evaluated.
-    """
+def score_fns_for(cfg: TrainConfig, reward_client: SyncRewardClient | None = None) -> dict[str, ScoreFn]:
+    """Reward functions for evaluation: rewards that run in process there, the others through `reward_client`
+    (required when such a reward is evaluated)."""
     fns: dict[str, ScoreFn] = {}
     for name in eval_reward_names(cfg):
-        if name in LOCAL_REWARDS:
-            fns[name] = LOCAL_REWARDS[name]
+        local = get_reward(name).local
+        if local is not None:
+            fns[name] = local
         elif reward_client is None:
             raise ValueError(f"evaluating reward {name!r} needs the reward servers: pass a reward_client")
         else:
-            fns[name] = _http_reward(reward_client, name)
+            fns[name] = partial(reward_client.score, name)
     return fns
-
-
-def _http_reward(client: Any, name: str) -> ScoreFn:
-    def score(images, prompts, metadata):
-        return client.score(name, list(images), list(prompts), list(metadata))
-
-    score.__name__ = name
-    return score
-
-
-def reward_client_for(cfg: TrainConfig) -> Any:
-    """A SyncRewardClient on the configured server URLs, or None when every evaluated reward is local.
-
-    Spawned servers of the training run are gone after it: give their URLs with --set reward.servers.KIND.urls=[..].
-    """
-    if all(name in LOCAL_REWARDS for name in eval_reward_names(cfg)):
-        return None
-    from actors.reward_client import SyncRewardClient
-
-    replicas = {kind: list(server.urls) for kind, server in cfg.reward.servers.items() if server.urls}
-    if not replicas:
-        raise ConfigError(
-            "evaluation needs reward servers but reward.servers has no urls; "
-            "add --set reward.servers.KIND.urls=[http://HOST:PORT]"
-        )
-    return SyncRewardClient.from_config(cfg.reward, replicas)
 
 
 # ---- `ddpo eval RUN_DIR` -------------------------------------------------------------------------------------------
@@ -221,44 +192,3 @@ def checkpoint_dirs(run_dir: str | Path, names: Sequence[str] | None = None) -> 
 
 def checkpoint_epoch(path: Path) -> int:
     return int(path.name.removeprefix("epoch_"))
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    checkpoints: Sequence[str] | None = None,
-    overrides: Sequence[str] | None = None,
-    progress: bool = True,
-) -> list[EvalResult]:
-    """(Re)compute the held-out evaluation of a run's checkpoints: eval/epoch_NNNN.json + images/eval_epoch_NNNN.png.
-
-    The run's config.yaml (plus `overrides`, e.g. evaluation.prompts or reward server URLs) fixes the prompts, seeds,
-    sampler settings and rewards. TensorBoard and metrics.jsonl are left as training wrote them.
-    """
-    from services.artifacts import write_eval_files
-    from services.lora import load_inference_pipeline, load_policy_into_pipeline
-
-    run_dir = Path(run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"), list(overrides or []))
-    eval_prompts_and_seeds(cfg)  # fail on a missing prompt list before loading anything
-    dirs = checkpoint_dirs(run_dir, checkpoints)
-    pipe = load_inference_pipeline(cfg.model)
-    client = reward_client_for(cfg)
-    results = []
-    try:
-        score_fns = score_fns_for(cfg, client)
-        for path in dirs:
-            load_policy_into_pipeline(pipe, policy_dir(path))
-            result = evaluate(pipe, cfg, score_fns, checkpoint_epoch(path), progress=progress)
-            json_path, grid_path = write_eval_files(run_dir, result)
-            logger.info("evaluated %s: %s (%s, %s)", path.name, result.metrics(), json_path, grid_path)
-            results.append(result)
-    finally:
-        if client is not None:
-            client.close()
-    return results
-
-
-def run_eval(args: argparse.Namespace) -> list[Path]:
-    """The `ddpo eval` command; returns the eval/epoch_NNNN.json paths written."""
-    results = evaluate_run(args.run_dir, args.checkpoint, args.overrides)
-    return [Path(args.run_dir) / "eval" / f"epoch_{r.epoch:04d}.json" for r in results]

@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from services.config import ModelConfig
+from services.models import load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def load_policy_into_pipeline(pipeline: StableDiffusionPipeline, path: str | Pat
 def load_inference_pipeline(model: ModelConfig, lora: str | Path | None = None) -> StableDiffusionPipeline:
     """The base pipeline of `model` (DDIM, frozen, in model.dtype) plus, if given, a checkpoint's policy: a
     diffusers-format LoRA, or the `unet/` of full fine-tuning."""
-    from services.models import load_pipeline
-
     pipe = load_pipeline(model.model_copy(update={"use_lora": False}))
     # load_pipeline(use_lora=False) prepares full fine-tuning (float32, trainable UNet): undo that for inference.
     pipe.unet.requires_grad_(False)

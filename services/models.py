@@ -9,17 +9,34 @@ import contextlib
 import logging
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from services.config import LoraConfig, ModelConfig, PerformanceConfig
+from services.config import LoraConfig, ModelConfig, PerformanceConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Config dtype names -> torch dtypes (model.dtype, cluster.latent_dtype)."""
+
+
+def quiet_model_loading() -> None:
+    """No per-component progress bars from diffusers/transformers in worker logs."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def worker_config(cfg_json: str) -> TrainConfig:
+    """A Ray worker's config from the driver's JSON; also quiets model loading and sets the torch threads."""
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    quiet_model_loading()
+    if cfg.cluster.torch_threads:
+        torch.set_num_threads(cfg.cluster.torch_threads)
+    return cfg
 
 
 def resolve_device(device: str) -> torch.device:

@@ -12,7 +12,7 @@ per version. With one actor nothing is ever stale; several actors can reorder a 
 refused actor waits for the next version. The learner raises a version's limit by what it had to drop, or by what a
 crashed actor claimed and never delivered (`extend`), so it is never starved.
 
-Keys: ``ddpo:R:quota:claimed`` (samples claimed so far), ``ddpo:R:quota:limit:V`` (the limit of version V).
+Keys (`services.keys.RunKeys`): quota:claimed (samples claimed so far), quota:limit:V (the limit of version V).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import redis
+
+from services.keys import RunKeys
 
 # KEYS[1] claimed, KEYS[2] limit of the claimer's version; ARGV[1] batch size. 1 = claimed, 0 = refused.
 _CLAIM = """
@@ -39,15 +41,15 @@ class SamplingQuota:
         self, client: redis.Redis, run_id: str, samples_per_epoch: int, batch_size: int, max_policy_lag: int
     ) -> None:
         self._r = client
-        self.prefix = f"ddpo:{run_id}:quota:"
-        self.claimed_key = self.prefix + "claimed"
+        self.keys = RunKeys(run_id)
+        self.claimed_key = self.keys.quota_claimed
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size
         self.max_policy_lag = max_policy_lag
         self._claim = client.register_script(_CLAIM)
 
     def limit_key(self, version: int) -> str:
-        return f"{self.prefix}limit:{version}"
+        return self.keys.quota_limit(version)
 
     # ---- actors ---------------------------------------------------------------------------------------------------
     def claim(self, version: int) -> bool:
@@ -81,6 +83,6 @@ class SamplingQuota:
         return int(self._r.get(self.claimed_key) or 0)
 
     def delete(self) -> None:
-        keys = list(self._r.scan_iter(match=self.prefix + "*"))
+        keys = list(self._r.scan_iter(match=self.keys.quota_prefix + "*"))
         if keys:
             self._r.delete(*keys)

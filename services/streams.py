@@ -1,14 +1,9 @@
 """Redis data plane: the trajectory stream (actors -> learner) and the weight channel (learner -> actors).
 
-Keys for a run ``R`` (all binary-safe; the client must be created with ``decode_responses=False``):
-
-- ``ddpo:R:trajectories`` -- stream of encoded ``ScoredTrajectory`` payloads, read by the consumer group ``learner``;
-  entries are XDEL'ed when acknowledged, so XLEN = undelivered + delivered-but-unacked; the backlog that
-  producers respect is the undelivered part.
-- ``ddpo:R:trajectories:dead`` -- dead-letter stream for entries that failed to decode (capped, for inspection).
-- ``ddpo:R:weights`` -- hash {version, sha256, blob} of the newest LoRA, written in one MULTI transaction;
-- ``ddpo:R:weights:version`` -- the newest version as a plain string (cheap GET for pollers and late joiners);
-- ``ddpo:R:weights:notify`` -- pub/sub channel announcing each new version after it is readable.
+Keys: `services.keys.RunKeys` (trajectories, trajectories:dead, produced, weights, weights:version, weights:seq,
+weights:notify). Clients must be binary-safe (``decode_responses=False``): payloads are bytes. The stream's entries
+are XDEL'ed when acknowledged, so XLEN = undelivered + delivered-but-unacked; the backlog that producers respect
+is the undelivered part.
 
 Delivery is at-least-once: a consumer first re-reads its own pending entries (after a crash), then claims entries
 that other (dead) consumers left idle for ``min_idle_ms``, then reads new ones. The learner de-duplicates with
@@ -27,8 +22,14 @@ from typing import Any, TypeVar
 import redis
 import torch
 
-from services.codec import decode_tensors, decode_trajectory, encode_tensors, encode_trajectory
-from services.trajectory import ScoredTrajectory
+from services.keys import RunKeys
+from services.trajectory import (
+    ScoredTrajectory,
+    decode_tensors,
+    decode_trajectory,
+    encode_tensors,
+    encode_trajectory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class Backpressure(RuntimeError):
 
 class WeightIntegrityError(RuntimeError):
     """A fetched weight blob does not match its recorded sha256 (or its recorded version)."""
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A binary-safe client (payloads are bytes) with health checks, for redis:// and unix:// URLs."""
+    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, health_check_interval=30)
 
 
 def _as_str(x: bytes | str) -> str:
@@ -96,15 +102,16 @@ class TrajectoryStream:
         _check_binary_client(redis_client)
         self._r = redis_client
         self.run_id = run_id
-        self.key = f"ddpo:{run_id}:trajectories"
-        self.dead_letter_key = f"{self.key}:dead"
+        keys = RunKeys(run_id)
+        self.key = keys.trajectories
+        self.dead_letter_key = keys.dead_letters
         self.group = group
         self.max_backlog = max_backlog
         self.min_idle_ms = min_idle_ms
         self.latent_dtype = latent_dtype
         self.dead_letter_maxlen = dead_letter_maxlen
         # the ledger of every trajectory_id ever added, written atomically with its XADD (for audits and tests)
-        self.produced_key = f"ddpo:{run_id}:produced" if record_produced else None
+        self.produced_key = keys.produced if record_produced else None
         # consumer -> id of the last own-pending entry re-read after a restart (dropped once drained)
         self._own_cursor: dict[str, bytes] = {}
         self._own_drained: set[str] = set()
@@ -361,12 +368,13 @@ class WeightChannel:
         _check_binary_client(redis_client)
         self._r = redis_client
         self.run_id = run_id
-        self.key = f"ddpo:{run_id}:weights"
-        self.version_key = f"{self.key}:version"
+        keys = RunKeys(run_id)
+        self.key = keys.weights
+        self.version_key = keys.weights_version
         self.seq_key = (
-            f"{self.key}:seq"  # counts publications: a rollback has a lower version but a higher seq
-        )
-        self.notify_channel = f"{self.key}:notify"
+            keys.weights_seq
+        )  # counts publications: a rollback has a lower version but a higher seq
+        self.notify_channel = keys.weights_notify
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor], rollback: bool = False) -> None:
         """Store ``state_dict`` as ``version`` (>= the current one) atomically, then announce it.

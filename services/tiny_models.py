@@ -1,8 +1,7 @@
-"""`ddpo tiny-models`: small random-weight models, written with fixed seeds, so every path runs offline on a CPU.
+"""A small random-weight Stable Diffusion, written with fixed seeds, so every path runs offline on a CPU.
 
-DIR/sd        a Stable-Diffusion-shaped diffusers pipeline (UNet + VAE + CLIP text encoder + tokenizer), 64 px
-DIR/llava     a tiny LlavaForConditionalGeneration with its processor   (reward server `llava`)
-DIR/aesthetic a tiny CLIP + aesthetic MLP                                (reward server `aesthetic`)
+`ddpo tiny-models --out DIR` writes it as DIR/sd (UNet + VAE + CLIP text encoder + tokenizer, 64 px), next to the
+tiny reward models of `reward_servers.tiny_models` (DIR/llava, DIR/aesthetic).
 """
 
 from __future__ import annotations
@@ -97,19 +96,4 @@ def write_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     build_tiny_sd_pipeline(seed).save_pretrained(out, safe_serialization=True)
     logger.info("wrote tiny Stable Diffusion pipeline to %s", out)
-    return out
-
-
-def write_tiny_models(out_dir: str | Path) -> Path:
-    """Write every tiny model under out_dir (sd/, llava/, aesthetic/)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_tiny_sd(out / "sd")
-    try:
-        from services.tiny_reward_models import write_tiny_aesthetic, write_tiny_llava
-    except ImportError:  # reward-model writers not available in this checkout
-        logger.warning("tiny reward models not written (services.tiny_reward_models missing)")
-    else:
-        write_tiny_llava(out / "llava")
-        write_tiny_aesthetic(out / "aesthetic")
     return out

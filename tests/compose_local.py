@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.infra import free_port  # noqa: F401 (for the tests)
+from services.app.infra import free_port  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.infra import SpawnedServer, free_port  # noqa: F401 (free_port: for the tests)
+from services.app.infra import SpawnedServer, free_port  # noqa: F401 (free_port: for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from learner.objectives import PerPromptStatTracker, batch_advantages, clip_advantages
 
 EPS = 1e-6
 

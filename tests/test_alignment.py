@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from reward_servers.tiny_models import write_tiny_llava
+from services.app.driver import make_run_dir, run_distributed
 from services.config import load_config
-from services.tiny_reward_models import write_tiny_llava
-from services.train import make_run_dir, run_distributed
 
 
 @pytest.mark.timeout(900)

@@ -150,7 +150,7 @@ def test_wandb_is_optional_and_gets_the_same_scalars(tiny_train_config, tmp_path
 
 
 def test_report_has_curve_grids_metrics_and_config(tiny_train_config, tmp_path):
-    from services.cli import main
+    from services.app.cli import main
 
     run = _run(tmp_path, tiny_train_config(run_name="report-test", logging={"images_per_epoch": 4}))
     main(["report", str(run)])  # the CLI path

@@ -13,7 +13,7 @@ METRIC_KEYS = {"epoch", "policy_version", "reward_mean", "reward_std", "samples"
 
 
 def ddpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "services.app.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)  # fmt: skip
 
 

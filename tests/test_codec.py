@@ -10,16 +10,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from services.codec import (
+from services.trajectory import (
     SCHEMA_VERSION,
     CodecError,
     SchemaVersionError,
+    ScoredTrajectory,
     decode_tensors,
     decode_trajectory,
     encode_tensors,
     encode_trajectory,
 )
-from services.trajectory import ScoredTrajectory
 
 
 def make_traj(t_steps: int = 5, seed: int = 0) -> ScoredTrajectory:

@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 
 from actors.sampler import Sampler
 from learner.learner import Learner
-from services.codec import decode_trajectory, encode_trajectory
+from services.app.infra import free_port
 from services.config import build_config
-from services.infra import free_port
 from services.models import load_pipeline
+from services.trajectory import decode_trajectory, encode_trajectory
 
 
 def config(tiny_sd_path: str, objective: str):

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import redis
 
+from services.app.driver import make_run_dir, run_distributed
+from services.app.infra import free_port
 from services.config import build_config
-from services.infra import free_port
-from services.train import make_run_dir, run_distributed
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

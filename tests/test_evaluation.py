@@ -52,7 +52,7 @@ def test_fixed_seeds_make_images_independent_of_the_other_prompts(tiny_sd_path, 
 def test_ddpo_eval_of_the_same_checkpoint_twice_gives_identical_scores(
     tiny_sd_path, tiny_train_config, tmp_path
 ):
-    from services.cli import main
+    from services.app.cli import main
 
     cfg = _cfg(tiny_train_config)
     run = tmp_path / "run"

@@ -58,7 +58,7 @@ def _stock_images(pipe: StableDiffusionPipeline, prompt: str, seeds: list[int], 
 
 
 def test_stock_diffusers_with_exported_lora_reproduces_ddpo_sample(tiny_sd_path, tmp_path):
-    from services.cli import main
+    from services.app.cli import main
 
     trained = perturbed_lora_pipeline(tiny_sd_path)
     lora_dir = save_diffusers_lora(trained.unet, tmp_path / "lora")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_sparse_weights, rwr_weights
+from learner.objectives import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_sparse_weights, rwr_weights
 
 
 def test_ddpo_is_clips_on_both_sides():

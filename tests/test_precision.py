@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from bench.precision import cosine, lora_gradient, preset_config, transitions
-from learner.learner import Learner
-from learner.optim import needs_loss_scaling
+from learner.learner import Learner, needs_loss_scaling
 
 
 def preset(tiny_sd_path: str, dtype: str):
@@ -59,7 +58,7 @@ def test_bfloat16_base_gradient_matches_float32(tiny_sd_path, sample, float32_gr
 
 
 def test_a_non_finite_step_is_skipped_counted_and_backs_the_scale_off(tiny_train_config):
-    from learner.optim import ScaledOptimizer
+    from learner.learner import ScaledOptimizer
 
     cfg = tiny_train_config(model={"dtype": "float16"})
     w = torch.nn.Parameter(torch.ones(3))
@@ -82,7 +81,9 @@ def test_loss_scale_is_checkpointed_and_survives_resume(tiny_train_config, tmp_p
     cfg = tiny_train_config(model={"dtype": "float16"})
     learner = Learner(cfg)
     assert learner.optim.loss_scaling
-    learner.optim.backward(learner.params[0].float().sum() * float("inf"))  # an overflow: the scale backs off
+    learner.optim.backward(
+        learner.params[0].float().sum() * float("inf")
+    )  # an overflow: the scale backs off
     assert learner.optim.step().skipped and learner.optim.scale == 2.0**15
     save_checkpoint(tmp_path, 0, learner.state_dict())
     resumed = Learner(cfg)

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 def test_quickstart_learns_visibly_and_leaves_a_complete_run_directory(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "services.cli", "train", "--run-dir", str(run)],
+    out = subprocess.run([sys.executable, "-m", "services.app.cli", "train", "--run-dir", str(run)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     assert (tmp_path / ".cache" / "tiny-models" / "sd" / "model_index.json").exists()  # written on first use

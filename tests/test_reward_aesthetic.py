@@ -13,7 +13,7 @@ import torch
 from reward_server_utils import ServerProcess, fuzz_openapi, noise_image, png_b64, start_servers
 
 from reward_servers.aesthetic import AestheticMLP, AestheticSettings, load_mlp_state_dict, resolve_weights
-from services.tiny_reward_models import write_tiny_aesthetic
+from reward_servers.tiny_models import write_tiny_aesthetic
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from actors.reward_client import (
-    ALIGNMENT_QUESTION,
-    RewardClient,
-    RewardRequestError,
-    SyncRewardClient,
-)
 from services.images import jpeg_kb
-from services.rewards import jpeg_compressibility
+from services.reward_api import ImagesRequest
+from services.reward_client import RewardClient, RewardRequestError, SyncRewardClient
+from services.rewards import ALIGNMENT_MAX_NEW_TOKENS, ALIGNMENT_QUESTION, jpeg_compressibility
 
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -38,6 +34,7 @@ class Stub:
         self.failures: list[tuple[int, dict[str, str]]] = []  # (status, headers) to answer before succeeding
         self.calls: list[tuple[str, dict[str, Any], dict[str, str]]] = []  # (path, body, headers)
         self.delay_s = 0.0
+        self.gate: threading.Event | None = None  # when set by a test: replies wait until it is set
         app = FastAPI()
 
         @app.post("/{path:path}")
@@ -46,6 +43,8 @@ class Stub:
             self.calls.append(("/" + path, body, dict(request.headers)))
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+            while self.gate is not None and not self.gate.is_set():
+                await asyncio.sleep(0.01)
             if self.failures:
                 status, headers = self.failures.pop(0)
                 return JSONResponse({"detail": f"scripted {status}"}, status_code=status, headers=headers)
@@ -118,15 +117,35 @@ def run(coro: Any) -> Any:
 B64 = ["aGVsbG8=", "d29ybGQ="]  # images are opaque strings to the transport
 
 
+async def jpeg(c: RewardClient, images_b64: list[str] = B64):
+    return await c.call("jpeg", ImagesRequest(images=images_b64))
+
+
+async def aesthetic(c: RewardClient, images_b64: list[str] = B64) -> list[float]:
+    return (await c.call("aesthetic", ImagesRequest(images=images_b64))).scores
+
+
+@pytest.fixture
+def backoff_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delays the client asks to wait between attempts (recorded, not slept: checks on events, not clocks)."""
+    requested: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        requested.append(delay)
+
+    monkeypatch.setattr("services.reward_client._backoff_sleep", sleep)
+    return requested
+
+
 def test_retries_5xx_then_succeeds(make_stub: Callable[..., Stub]) -> None:
     stub = make_stub()
     stub.failures = [(503, {}), (500, {})]
 
     async def go() -> dict[str, list[float]]:
         async with fast_client({"jpeg": [stub.url]}) as c:
-            return await c.jpeg(B64)
+            return await jpeg(c)
 
-    assert run(go())["jpeg_kb"] == [0.0, 1.0]
+    assert run(go()).jpeg_kb == [0.0, 1.0]
     assert len(stub.calls) == 3
 
 
@@ -136,7 +155,7 @@ def test_gives_up_after_max_retries_with_clear_error(make_stub: Callable[..., St
 
     async def go() -> None:
         async with fast_client({"jpeg": [stub.url]}, max_retries=2) as c:
-            await c.jpeg(B64)
+            await jpeg(c)
 
     with pytest.raises(RewardRequestError, match="after 3 attempts.*503.*scripted 503") as e:
         run(go())
@@ -150,7 +169,7 @@ def test_no_retry_for_400(make_stub: Callable[..., Stub]) -> None:
 
     async def go() -> None:
         async with fast_client({"jpeg": [stub.url, stub.url]}) as c:
-            await c.jpeg(B64)
+            await jpeg(c)
 
     with pytest.raises(RewardRequestError, match="400: scripted 400") as e:
         run(go())
@@ -158,41 +177,41 @@ def test_no_retry_for_400(make_stub: Callable[..., Stub]) -> None:
     assert len(stub.calls) == 1
 
 
-def test_429_honours_retry_after(make_stub: Callable[..., Stub]) -> None:
+def test_429_honours_retry_after(make_stub: Callable[..., Stub], backoff_sleeps: list[float]) -> None:
     stub = make_stub()
     stub.failures = [(429, {"Retry-After": "1"})]
 
-    async def go() -> float:
+    async def go() -> list[float]:
         async with fast_client({"aesthetic": [stub.url]}) as c:
-            t0 = time.monotonic()
-            assert await c.aesthetic_scores(B64) == [0.0, 1.0]
-            return time.monotonic() - t0
+            return await aesthetic(c)
 
-    elapsed = run(go())
-    assert 1.0 <= elapsed < 5.0  # the backoff alone would be <= 0.05 s
+    assert run(go()) == [0.0, 1.0]
+    assert backoff_sleeps == [1.0]  # the server's Retry-After, not the client's 0.01-0.05 s backoff
     assert len(stub.calls) == 2
 
 
-def test_dead_replica_fails_over_and_cools_down(make_stub: Callable[..., Stub]) -> None:
+def test_dead_replica_fails_over_and_cools_down(
+    make_stub: Callable[..., Stub], backoff_sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     stub = make_stub()
     dead = dead_url()
+    now = [1000.0]  # the client's clock, moved by the test: cooldowns are checked on events, not waited out
+    monkeypatch.setattr("services.reward_client._now", lambda: now[0])
 
-    async def go() -> tuple[RewardClient, float]:
-        async with fast_client({"jpeg": [dead, stub.url]}, cooldown_s=0.3) as c:
-            t0 = time.monotonic()
+    async def go() -> tuple[dict[str, int], dict[str, int]]:
+        async with fast_client({"jpeg": [dead, stub.url]}, cooldown_s=30.0) as c:
             for _ in range(6):
-                assert (await c.jpeg(B64))["scores"] == [0.0, 1.0]
-            failover_s = time.monotonic() - t0
+                assert (await jpeg(c)).scores == [0.0, 1.0]
             first = c.calls("jpeg")
-            await asyncio.sleep(0.35)  # cooldown over: the dead replica is tried again, then avoided again
+            now[0] += 31.0  # cooldown over: the dead replica is tried again, then avoided again
             for _ in range(4):
-                await c.jpeg(B64)
-            return first, c.calls("jpeg"), failover_s
+                await jpeg(c)
+            return first, c.calls("jpeg")
 
-    first, later, failover_s = run(go())
+    first, later = run(go())
     assert first[dead] <= 1 and first[stub.url] == 6  # tried at most once, then on cooldown
     assert later[dead] - first[dead] <= 1 and later[stub.url] == 10
-    assert failover_s < 2.0  # fail-over to a healthy replica does not wait for backoff
+    assert all(delay == 0.0 for delay in backoff_sleeps)  # failing over to a healthy replica does not back off
 
 
 def test_timeout_is_retried_on_another_replica(make_stub: Callable[..., Stub]) -> None:
@@ -202,7 +221,7 @@ def test_timeout_is_retried_on_another_replica(make_stub: Callable[..., Stub]) -
     async def go() -> None:
         async with fast_client({"jpeg": [slow.url, fast.url]}, timeout_s=0.2) as c:
             for _ in range(3):
-                assert (await c.jpeg(B64))["scores"] == [0.0, 1.0]
+                assert (await jpeg(c)).scores == [0.0, 1.0]
 
     run(go())
     assert len(slow.calls) <= 1 and len(fast.calls) == 3  # timed out once, then on cooldown
@@ -211,7 +230,7 @@ def test_timeout_is_retried_on_another_replica(make_stub: Callable[..., Stub]) -
 def test_all_replicas_dead_raises_after_retries() -> None:
     async def go() -> None:
         async with fast_client({"jpeg": [dead_url(), dead_url()]}, max_retries=2) as c:
-            await c.jpeg(B64)
+            await jpeg(c)
 
     with pytest.raises(RewardRequestError, match="after 3 attempts.*ConnectError") as e:
         run(go())
@@ -224,9 +243,9 @@ def test_balancing_spreads_requests_across_replicas(make_stub: Callable[..., Stu
     async def go() -> None:
         async with fast_client({"jpeg": [a.url, b.url]}) as c:
             for _ in range(10):  # sequential: round-robin between idle replicas
-                await c.jpeg(B64)
+                await jpeg(c)
             a.delay_s = b.delay_s = 0.05
-            await asyncio.gather(*(c.jpeg(B64) for _ in range(20)))  # concurrent: least in flight
+            await asyncio.gather(*(jpeg(c) for _ in range(20)))  # concurrent: least in flight
 
     run(go())
     assert len(a.calls) == 15 and len(b.calls) == 15
@@ -238,7 +257,7 @@ def test_large_batches_are_split_and_reassembled(make_stub: Callable[..., Stub])
 
     async def go() -> list[float]:
         async with fast_client({"aesthetic": [stub.url]}, max_batch=3) as c:
-            return await c.aesthetic_scores(images)
+            return await aesthetic(c, images)
 
     assert run(go()) == [float(i) for i in range(1, 8)]
     assert sorted(len(body["images"]) for _, body, _ in stub.calls) == [1, 3, 3]
@@ -249,7 +268,7 @@ def test_wrong_length_reply_is_an_error(make_stub: Callable[..., Stub]) -> None:
 
     async def go() -> None:
         async with fast_client({"aesthetic": [stub.url]}) as c:
-            await c.aesthetic_scores(B64)
+            await aesthetic(c)
 
     with pytest.raises(RewardRequestError, match="list of 2"):
         run(go())
@@ -260,7 +279,7 @@ def test_auth_token_is_sent(make_stub: Callable[..., Stub]) -> None:
 
     async def go() -> None:
         async with fast_client({"jpeg": [stub.url]}, auth_token="s3cret") as c:
-            await c.jpeg(B64)
+            await jpeg(c)
 
     run(go())
     assert stub.calls[0][2]["authorization"] == "Bearer s3cret"
@@ -308,13 +327,13 @@ def test_prompt_alignment_composition(make_stub: Callable[..., Stub]) -> None:
     prompts = ["a cat", "a dog on a bike"]
 
     async def go() -> tuple[list[float], dict[str, list]]:
-        async with fast_client({"llava": [llava.url], "bertscore": [bert.url]}, llava_max_new_tokens=17) as c:
+        async with fast_client({"llava": [llava.url], "bertscore": [bert.url]}) as c:
             return await c.score("prompt_alignment", images(2), prompts, [{}, {}])
 
     scores, info = run(go())
     assert scores == [0.1, 0.2] and info["answers"] == ["answer 0", "answer 1"]
     ((path, body, _),) = llava.calls
-    assert path == "/v1/answer" and body["max_new_tokens"] == 17
+    assert path == "/v1/answer" and body["max_new_tokens"] == ALIGNMENT_MAX_NEW_TOKENS
     assert body["questions"] == [["Answer concisely: what is going on in this image?"]] * 2
     assert ALIGNMENT_QUESTION == "Answer concisely: what is going on in this image?"
     assert decode_b64(body["images"][0]).size == (16, 16)
@@ -344,7 +363,7 @@ def test_jpeg_rewards_match_local_reward_exactly(make_stub: Callable[..., Stub])
     (comp, comp_info), (incomp, _) = run(go())
     local, local_info = jpeg_compressibility(ims, ["p"] * 3, [{}] * 3)
     assert comp_info["jpeg_kb"] == local_info["jpeg_kb"]  # lossless (PNG) upload: the same bytes get measured
-    assert comp == [-k for k in local_info["jpeg_kb"]] and local.tolist() == pytest.approx(comp)
+    assert comp == [-k for k in local_info["jpeg_kb"]] and local == pytest.approx(comp)
     assert incomp == [-s for s in comp]
 
 
@@ -353,7 +372,7 @@ def test_unknown_reward_and_missing_kind_are_refused() -> None:
         async with fast_client({"jpeg": ["http://127.0.0.1:9"]}) as c:
             await c.score(name, images(1), ["p"], [{}])
 
-    with pytest.raises(ValueError, match="unknown HTTP reward"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
         run(go("nope"))
     with pytest.raises(ValueError, match="no replicas configured for reward server 'aesthetic'"):
         run(go("aesthetic"))
@@ -361,11 +380,11 @@ def test_unknown_reward_and_missing_kind_are_refused() -> None:
 
 def test_sync_wrapper_submits_without_blocking(make_stub: Callable[..., Stub]) -> None:
     stub = make_stub(lambda path, body: {"scores": [7.0] * len(body["images"])})
-    stub.delay_s = 0.3
-    with SyncRewardClient({"aesthetic": [stub.url]}, timeout_s=5.0) as client:
-        t0 = time.monotonic()
+    stub.gate = threading.Event()  # the server holds its reply until the test lets it go
+    with SyncRewardClient({"aesthetic": [stub.url]}, timeout_s=30.0) as client:
         future = client.submit("aesthetic", images(2), ["a", "b"], [{}, {}])
-        assert time.monotonic() - t0 < 0.2  # the caller keeps working while the request is in flight
+        assert not future.done()  # submit returned while the request is in flight: the caller keeps working
+        stub.gate.set()
         scores, info = future.result(timeout=10)
         assert scores == [7.0, 7.0] and info["aesthetic"] == [7.0, 7.0]
         assert client.score("aesthetic", images(1), ["a"], [{}], timeout_s=10)[0] == [7.0]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from reward_server_utils import ServerProcess, fuzz_openapi, noise_image, png_b64, start_servers
 
-from services.tiny_reward_models import write_tiny_llava
+from reward_servers.tiny_models import write_tiny_llava
 
 MAX_ITEMS = 4
 MAX_QUESTIONS = 3

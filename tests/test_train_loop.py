@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.cli import main as cli_main
+from services.app.cli import main as cli_main
 
 SMALL = [
     "cluster.in_process=true",

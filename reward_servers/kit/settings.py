@@ -79,7 +79,7 @@ class ModelSettings(ServerSettings):
 
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype that `dtype` names (auto resolved against `device`)."""
-        import torch
+        import torch  # lazily: settings are parsed before the model loads, and the jpeg server needs no torch
 
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.float16

@@ -17,15 +17,16 @@ from pathlib import Path
 
 from services.config import ModelConfig
 from services.evaluation import render_samples
+from services.images import tensor_to_pil
+from services.lora import load_inference_pipeline
 
 logger = logging.getLogger(__name__)
 
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
     """The `ddpo sample` command: writes OUT/sample_NNN_seedS.png and OUT/samples.json; returns the PNG paths."""
-    from services.images import tensor_to_pil
-    from services.lora import load_inference_pipeline
-
+    if args.lora is not None and not Path(args.lora).exists():
+        raise FileNotFoundError(f"--lora {args.lora}: no such file or directory")
     model = ModelConfig(pretrained=args.model, device=args.device, dtype=args.dtype)
     pipe = load_inference_pipeline(model, args.lora)
     seeds = [args.seed + i for i in range(args.n)]

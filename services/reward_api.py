@@ -1,4 +1,6 @@
-"""Request and response bodies of the reward HTTP API (pydantic only, so clients can import them cheaply).
+"""The reward HTTP API, written once: the request and response bodies (pydantic) and, per reward-server kind, its
+endpoint. The servers (`reward_servers/`) declare their routes with these models and the client
+(`services.reward_client`) builds its requests and checks the replies with the same models.
 
 Images are base64 strings of PNG, JPEG or WebP bytes; a `data:image/...;base64,` prefix is accepted. The models are
 strict: a number where a string belongs (or the reverse) is a 422, never a silent conversion.
@@ -6,6 +8,7 @@ strict: a number where a string belongs (or the reverse) is a 422, never a silen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -84,3 +87,22 @@ class BertScoreResponse(_Strict):
     precision: list[float]
     recall: list[float]
     f1: list[float]
+
+
+@dataclass(frozen=True)
+class ServerApi:
+    """One reward-server kind's endpoint: POST `path` with a `request` body, answered with a `response` body. Every
+    list field of a request holds one item per input (images, or text pairs), and every list field of the response
+    one result per input, in order; a client may split a request into several along those lists."""
+
+    path: str
+    request: type[BaseModel]
+    response: type[BaseModel]
+
+
+SERVER_APIS: dict[str, ServerApi] = {
+    "jpeg": ServerApi("/v1/score", ImagesRequest, JpegScoreResponse),
+    "aesthetic": ServerApi("/v1/score", ImagesRequest, ScoreResponse),
+    "llava": ServerApi("/v1/answer", AnswerRequest, AnswerResponse),
+    "bertscore": ServerApi("/v1/score", TextPairsRequest, BertScoreResponse),
+}

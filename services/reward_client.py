@@ -1,17 +1,13 @@
-"""Async HTTP client for the reward servers: replicas, balancing, retries with backoff, and the reward functions.
+"""The HTTP client of the reward servers: replicas, balancing, retries with backoff; and `Scorer`, the one way
+samplers and evaluation score images, in this process or through the servers.
 
-Server APIs (``reward_servers/``), images as base64 strings:
-
-- jpeg:      ``POST /v1/score``  ``{"images"}`` -> ``{"scores", "jpeg_kb"}``
-- aesthetic: ``POST /v1/score``  ``{"images"}`` -> ``{"scores"}``
-- llava:     ``POST /v1/answer`` ``{"images", "questions": [[q], ...], "max_new_tokens"}`` -> ``{"answers": [[a], ...]}``
-- bertscore: ``POST /v1/score``  ``{"candidates", "references"}`` -> ``{"precision", "recall", "f1"}``
+`RewardClient.call(kind, request)` posts a `services.reward_api` request model to a replica of that reward-server
+kind and returns the reply parsed with the same contract's response model; `score(name, ...)` runs a reward of the
+registry (`services.rewards.REWARDS`) over those calls.
 
 Failure policy per request: connection errors, timeouts, 429 and 5xx put the replica on a short cooldown and are
 retried -- on another replica at once if one is untried and healthy, else after exponential backoff with jitter
 (or the server's ``Retry-After``). Other 4xx are the caller's fault and raise ``RewardRequestError`` at once.
-
-Every reward has one signature, ``(images, prompts, metadata) -> (scores, info)``, like ``services.rewards``.
 """
 
 from __future__ import annotations
@@ -25,33 +21,22 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from PIL import Image
+from pydantic import BaseModel, ValidationError
 
-from services.images import encode_image
-
-if TYPE_CHECKING:
-    from services.config import RewardConfig
+from services.config import RewardConfig
+from services.reward_api import SERVER_APIS
+from services.rewards import Images, Metadata, Scores, get_reward
 
 logger = logging.getLogger(__name__)
 
-ALIGNMENT_QUESTION = "Answer concisely: what is going on in this image?"
-ALIGNMENT_REFERENCE = "The image contains {prompt}"
-
-# reward name -> reward-server kinds it calls (lets a config check that replicas are configured)
-REWARD_SERVERS: dict[str, tuple[str, ...]] = {
-    "jpeg_compressibility": ("jpeg",),
-    "jpeg_incompressibility": ("jpeg",),
-    "aesthetic": ("aesthetic",),
-    "prompt_alignment": ("llava", "bertscore"),
-}
-
-Scores = tuple[list[float], dict[str, list[Any]]]
 T = TypeVar("T")
+_backoff_sleep = asyncio.sleep  # the wait between attempts (tests record it instead of waiting)
+_now = time.monotonic  # the clock of replica cooldowns (tests move it instead of waiting)
 
 
 class RewardRequestError(RuntimeError):
@@ -70,7 +55,7 @@ class RewardRequestError(RuntimeError):
 class _Replica:
     url: str
     in_flight: int = 0
-    cooldown_until: float = 0.0  # time.monotonic() before which the replica is avoided
+    cooldown_until: float = 0.0  # _now() before which the replica is avoided
     calls: int = 0
 
     def healthy(self, now: float) -> bool:
@@ -123,8 +108,6 @@ class RewardClient:
         cooldown_s: float = 5.0,
         retry_after_max_s: float = 60.0,
         max_batch: int = 32,
-        llava_max_new_tokens: int = 32,
-        jpeg_image_format: str = "PNG",
     ) -> None:
         """
         Args:
@@ -137,9 +120,6 @@ class RewardClient:
             cooldown_s: how long a failed replica is avoided while others are healthy.
             retry_after_max_s: cap on a server's ``Retry-After``.
             max_batch: images (or text pairs) per HTTP request; larger calls are split and sent concurrently.
-            llava_max_new_tokens: answer length for prompt alignment.
-            jpeg_image_format: wire format for the jpeg server. PNG (lossless) makes the HTTP reward equal the local
-                one; a JPEG upload would be measured after a second JPEG compression.
         """
         if not replicas or any(not urls for urls in replicas.values()):
             raise ValueError(f"every reward-server kind needs at least one URL, got {replicas}")
@@ -154,18 +134,10 @@ class RewardClient:
         self.cooldown_s = cooldown_s
         self.retry_after_max_s = retry_after_max_s
         self.max_batch = max_batch
-        self.llava_max_new_tokens = llava_max_new_tokens
-        self.jpeg_image_format = jpeg_image_format
         self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
         self._http: httpx.AsyncClient | None = None
-        self._rewards: dict[str, Callable[..., Awaitable[Scores]]] = {
-            "jpeg_compressibility": self.jpeg_compressibility,
-            "jpeg_incompressibility": self.jpeg_incompressibility,
-            "aesthetic": self.aesthetic,
-            "prompt_alignment": self.prompt_alignment,
-        }
 
     async def __aenter__(self) -> RewardClient:
         return self
@@ -196,7 +168,7 @@ class RewardClient:
 
     def _choose(self, kind: str, tried: set[str]) -> _Replica:
         """Least in-flight replica, preferring untried and healthy ones; round-robin among equals."""
-        replicas, now = self._replicas[kind], time.monotonic()
+        replicas, now = self._replicas[kind], _now()
         pool = [r for r in replicas if r.url not in tried and r.healthy(now)] or [
             r for r in replicas if r.healthy(now)
         ]
@@ -250,10 +222,10 @@ class RewardClient:
                     replica.in_flight -= 1
                 if retry_after is not None:
                     retry_after = min(retry_after, self.retry_after_max_s)
-                replica.cooldown_until = time.monotonic() + max(self.cooldown_s, retry_after or 0.0)
+                replica.cooldown_until = _now() + max(self.cooldown_s, retry_after or 0.0)
                 if attempt == self.max_retries:
                     break
-                now = time.monotonic()
+                now = _now()
                 failover = any(r.url not in tried and r.healthy(now) for r in self._replicas[kind])
                 delay = (
                     0.0
@@ -267,7 +239,7 @@ class RewardClient:
                     self.max_retries,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await _backoff_sleep(delay)
         raise RewardRequestError(
             f"{kind} request failed after {self.max_retries + 1} attempts; last: {last}",
             url=url,
@@ -289,126 +261,46 @@ class RewardClient:
             )
         return body
 
-    async def _post_batched(
-        self, kind: str, path: str, n: int, make_body: Callable[[slice], dict[str, Any]], keys: Sequence[str]
-    ) -> dict[str, list[Any]]:
-        """Split n items into ``max_batch`` chunks, post them concurrently, concatenate ``keys`` of the replies."""
-        chunks = _chunks(n, self.max_batch)
-        replies = await asyncio.gather(*(self._post(kind, path, make_body(c)) for c in chunks))
-        out: dict[str, list[Any]] = {k: [] for k in keys}
+    # ---- the HTTP contract: one typed call, split along its lists ------------------------------------------------
+    async def call(self, kind: str, request: BaseModel) -> BaseModel:
+        """POST `request` (the kind's request model in `services.reward_api.SERVER_APIS`) and return the reply parsed
+        with its response model. More than `max_batch` inputs are split into requests sent concurrently and the
+        replies put back together, in order."""
+        api = SERVER_APIS.get(kind)
+        if api is None:
+            raise ValueError(f"unknown reward-server kind {kind!r}; known: {', '.join(SERVER_APIS)}")
+        if not isinstance(request, api.request):
+            raise TypeError(f"a {kind} request must be {api.request.__name__}, not {type(request).__name__}")
+        body = request.model_dump()
+        lists = [k for k, v in body.items() if isinstance(v, list)]
+        n = len(body[lists[0]]) if lists else 0
+        chunks = _chunks(n, self.max_batch) or [slice(0, 0)]
+        parts = [{k: (v[c] if k in lists else v) for k, v in body.items()} for c in chunks]
+        replies = await asyncio.gather(*(self._post(kind, api.path, part) for part in parts))
+        merged: dict[str, list[Any]] = {}
         for c, reply in zip(chunks, replies, strict=True):
-            for k in keys:
-                values = reply.get(k)
-                if not isinstance(values, list) or len(values) != c.stop - c.start:
-                    raise RewardRequestError(
-                        f"{kind} reply field {k!r} should be a list of {c.stop - c.start}, got {values!r:.200}",
-                        url=kind,
-                        status=200,
-                    )
-                out[k] += values
-        return out
-
-    # ---- server APIs ---------------------------------------------------------------------------------------
-    async def jpeg(self, images_b64: list[str]) -> dict[str, list[float]]:
-        """jpeg server: ``{"scores": [...], "jpeg_kb": [...]}``, one per image."""
-        return await self._post_batched(
-            "jpeg", "/v1/score", len(images_b64), lambda c: {"images": images_b64[c]}, ("scores", "jpeg_kb")
-        )
-
-    async def aesthetic_scores(self, images_b64: list[str]) -> list[float]:
-        """aesthetic server: one score per image."""
-        out = await self._post_batched(
-            "aesthetic", "/v1/score", len(images_b64), lambda c: {"images": images_b64[c]}, ("scores",)
-        )
-        return [float(s) for s in out["scores"]]
-
-    async def answer(
-        self, images_b64: list[str], questions: list[list[str]], max_new_tokens: int
-    ) -> list[list[str]]:
-        """llava server: for each image, one answer per question."""
-        if len(questions) != len(images_b64):
-            raise ValueError(f"{len(questions)} question lists for {len(images_b64)} images")
-
-        def body(c: slice) -> dict[str, Any]:
-            return {"images": images_b64[c], "questions": questions[c], "max_new_tokens": max_new_tokens}
-
-        out = await self._post_batched("llava", "/v1/answer", len(images_b64), body, ("answers",))
-        return out["answers"]
-
-    async def bertscore(self, candidates: list[str], references: list[str]) -> dict[str, list[float]]:
-        """bertscore server: ``{"precision", "recall", "f1"}`` per (candidate, reference) pair."""
-        if len(candidates) != len(references):
-            raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
-
-        def body(c: slice) -> dict[str, Any]:
-            return {"candidates": candidates[c], "references": references[c]}
-
-        return await self._post_batched(
-            "bertscore", "/v1/score", len(candidates), body, ("precision", "recall", "f1")
-        )
+            for field, values in reply.items():
+                if isinstance(values, list):
+                    if len(values) != c.stop - c.start:
+                        raise RewardRequestError(
+                            f"{kind} reply field {field!r} should be a list of {c.stop - c.start}, got {values!r:.200}",
+                            url=kind,
+                            status=200,
+                        )
+                    merged.setdefault(field, []).extend(values)
+        try:
+            return api.response.model_validate(merged)
+        except ValidationError as err:
+            raise RewardRequestError(
+                f"{kind} reply does not match {api.response.__name__}: {err}", url=kind, status=200
+            ) from None
 
     # ---- rewards: (images, prompts, metadata) -> (scores, info) ------------------------------------------------
-    async def score(
-        self,
-        name: str,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        metadata: Sequence[dict[str, Any]],
-    ) -> Scores:
-        """Reward ``name`` (a key of ``REWARD_SERVERS``) of each image: (scores [B], info of per-sample lists)."""
-        if name not in self._rewards:
-            raise ValueError(f"unknown HTTP reward {name!r}; choose from {sorted(self._rewards)}")
+    async def score(self, name: str, images: Images, prompts: Sequence[str], metadata: Metadata) -> Scores:
+        """Reward `name` of the registry, through the servers: (one score per image, info of per-sample lists)."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return await self._rewards[name](images, prompts, metadata)
-
-    @staticmethod
-    async def _encode(images: Sequence[Image.Image], fmt: str) -> list[str]:
-        # Image encoding is CPU-bound: keep it off the event loop so other requests keep flowing.
-        return await asyncio.to_thread(lambda: [encode_image(im, fmt=fmt, quality=95) for im in images])
-
-    async def _jpeg_kb(self, images: Sequence[Image.Image]) -> list[float]:
-        out = await self.jpeg(await self._encode(images, self.jpeg_image_format))
-        return [float(kb) for kb in out["jpeg_kb"]]
-
-    async def jpeg_compressibility(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-    ) -> Scores:
-        """Minus the kB of a quality-95 JPEG (smaller files score higher)."""
-        kb = await self._jpeg_kb(images)
-        return [-k for k in kb], {"jpeg_kb": kb}
-
-    async def jpeg_incompressibility(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-    ) -> Scores:
-        """The kB of a quality-95 JPEG (larger files score higher)."""
-        kb = await self._jpeg_kb(images)
-        return list(kb), {"jpeg_kb": kb}
-
-    async def aesthetic(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-    ) -> Scores:
-        """LAION aesthetic predictor score."""
-        scores = await self.aesthetic_scores(await self._encode(images, "JPEG"))
-        return scores, {"aesthetic": list(scores)}
-
-    async def prompt_alignment(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-    ) -> Scores:
-        """BERTScore recall of LLaVA's description against "The image contains {prompt}" (the paper's reward)."""
-        images_b64 = await self._encode(images, "JPEG")
-        answers = await self.answer(
-            images_b64, [[ALIGNMENT_QUESTION] for _ in images_b64], self.llava_max_new_tokens
-        )
-        candidates = [str(a[0]) if a else "" for a in answers]
-        references = [ALIGNMENT_REFERENCE.format(prompt=p) for p in prompts]
-        bs = await self.bertscore(candidates, references)
-        recall = [float(x) for x in bs["recall"]]
-        return recall, {
-            "answers": candidates,
-            "bertscore_precision": bs["precision"],
-            "bertscore_f1": bs["f1"],
-        }
+        return await get_reward(name).remote(self, images, prompts, metadata)
 
 
 class SyncRewardClient:
@@ -428,11 +320,7 @@ class SyncRewardClient:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def submit(
-        self,
-        name: str,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        metadata: Sequence[dict[str, Any]],
+        self, name: str, images: Images, prompts: Sequence[str], metadata: Metadata
     ) -> concurrent.futures.Future[Scores]:
         """Start scoring; the future resolves to (scores, info) or raises ``RewardRequestError``."""
         return self._run(self.client.score(name, list(images), list(prompts), list(metadata)))
@@ -440,9 +328,9 @@ class SyncRewardClient:
     def score(
         self,
         name: str,
-        images: Sequence[Image.Image],
+        images: Images,
         prompts: Sequence[str],
-        metadata: Sequence[dict[str, Any]],
+        metadata: Metadata,
         timeout_s: float | None = None,
     ) -> Scores:
         """Blocking ``RewardClient.score``."""
@@ -475,3 +363,38 @@ class SyncRewardClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Scorer:
+    """The one scoring path of samplers: the run's reward of a batch, in this process (`reward.mode: local`, on a
+    worker thread) or through the reward servers (`http`). `submit` returns a future at once, so that the caller
+    keeps sampling while the batch is scored; `score` waits for it."""
+
+    def __init__(self, reward: RewardConfig, replicas: dict[str, list[str]] | None = None) -> None:
+        self.name = reward.name
+        spec = get_reward(reward.name)
+        self._client: SyncRewardClient | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if reward.mode == "local":
+            if spec.local is None:
+                raise ValueError(f"reward {reward.name!r} has no local implementation; use reward.mode=http")
+            self._local = spec.local
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-reward")
+        else:
+            self._client = SyncRewardClient.from_config(reward, replicas or {})
+
+    def submit(
+        self, images: Images, prompts: Sequence[str], metadata: Metadata
+    ) -> concurrent.futures.Future[Scores]:
+        if self._client is not None:
+            return self._client.submit(self.name, images, prompts, metadata)
+        return self._pool.submit(self._local, list(images), list(prompts), list(metadata))
+
+    def score(self, images: Images, prompts: Sequence[str], metadata: Metadata) -> Scores:
+        return self.submit(images, prompts, metadata).result()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

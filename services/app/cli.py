@@ -6,6 +6,14 @@ import argparse
 import logging
 import sys
 
+from bench.cli import main as bench_main
+from reward_servers.serve import main as serve_main
+from services.app.driver import main_from_args, write_tiny_models
+from services.app.evaluate import run_eval
+from services.app.sample import run_sample
+from services.config import ConfigError
+from services.report import write_report
+
 
 def _add_set_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
@@ -71,14 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "bench":
         # Benchmarks own their flags: ddpo bench {sampler,learner,data-plane,weights,e2e,latency-hiding,...}
-        from bench.cli import main as bench_main
-
         bench_main(argv[1:])
         return
     if argv and argv[0] == "serve":
         # Reward servers own their flags (and read environment variables through pydantic-settings).
-        from reward_servers.serve import main as serve_main
-
         serve_main(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="ddpo", description=__doc__)
@@ -91,36 +95,23 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("serve", help="run a reward server: ddpo serve {jpeg,aesthetic,llava,bertscore} --help")
     sub.add_parser("bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15]")
     args = parser.parse_args(argv)
-    if args.command == "train":
-        from services.config import ConfigError
-        from services.train import main_from_args
-
-        try:
+    # mistakes in what the user asked for end in one line and exit status 2; anything else keeps its traceback
+    user_errors = (ConfigError,) if args.command == "train" else (ConfigError, FileNotFoundError)
+    try:
+        if args.command == "train":
             main_from_args(args)
-        except ConfigError as err:
-            parser.exit(2, f"ddpo train: {err}\n")
-    elif args.command == "tiny-models":
-        from services.tiny_models import write_tiny_models
-
-        write_tiny_models(args.out)
-    elif args.command == "sample":
-        from services.sample_cli import run_sample
-
-        for path in run_sample(args):
-            print(path)
-    elif args.command == "eval":
-        from services.config import ConfigError
-        from services.evaluation import run_eval
-
-        try:
+        elif args.command == "tiny-models":
+            write_tiny_models(args.out)
+        elif args.command == "sample":
+            for path in run_sample(args):
+                print(path)
+        elif args.command == "eval":
             for path in run_eval(args):
                 print(path)
-        except (ConfigError, FileNotFoundError) as err:
-            parser.exit(2, f"ddpo eval: {err}\n")
-    elif args.command == "report":
-        from services.report import write_report
-
-        print(write_report(args.run_dir))
+        elif args.command == "report":
+            print(write_report(args.run_dir))
+    except user_errors as err:
+        parser.exit(2, f"ddpo {args.command}: {err}\n")
 
 
 if __name__ == "__main__":
