@@ -81,9 +81,7 @@ def test_loss_scale_is_checkpointed_and_survives_resume(tiny_train_config, tmp_p
     cfg = tiny_train_config(model={"dtype": "float16"})
     learner = Learner(cfg)
     assert learner.optim.loss_scaling
-    learner.optim.backward(
-        learner.params[0].float().sum() * float("inf")
-    )  # an overflow: the scale backs off
+    learner.optim.backward(learner.params[0].float().sum() * float("inf"))  # an overflow: the scale backs off
     assert learner.optim.step().skipped and learner.optim.scale == 2.0**15
     save_checkpoint(tmp_path, 0, learner.state_dict())
     resumed = Learner(cfg)

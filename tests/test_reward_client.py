@@ -211,7 +211,9 @@ def test_dead_replica_fails_over_and_cools_down(
     first, later = run(go())
     assert first[dead] <= 1 and first[stub.url] == 6  # tried at most once, then on cooldown
     assert later[dead] - first[dead] <= 1 and later[stub.url] == 10
-    assert all(delay == 0.0 for delay in backoff_sleeps)  # failing over to a healthy replica does not back off
+    assert all(
+        delay == 0.0 for delay in backoff_sleeps
+    )  # failing over to a healthy replica does not back off
 
 
 def test_timeout_is_retried_on_another_replica(make_stub: Callable[..., Stub]) -> None:
