@@ -184,39 +184,40 @@ class SamplerWorker:
         return self.scorer.submit(tensor_to_pil(traj.images), traj.prompts, [{} for _ in traj.prompts])
 
     # ---- 4. STREAM ---------------------------------------------------------------------------------------------
-    def _finish(self, item: _InFlight) -> bool:
-        """Stream a scored batch; False if scoring failed transiently and was resubmitted (nothing is lost)."""
+    def _finish(self, item: _InFlight) -> None:
+        """Stream a scored batch, or resubmit it if scoring failed transiently (nothing is lost)."""
         try:
             scores, info = item.future.result()
         except RewardRequestError as err:
             if err.status is not None and 400 <= err.status < 500 and err.status != 429:
                 logger.error("%s: reward rejected a batch (%s); dropping it", self.actor_id, err)
-                return True
-            return self._resubmit(item, err)
+                return
+            self._resubmit(item, err)
+            return
         except (OSError, TimeoutError, RuntimeError) as err:
-            return self._resubmit(item, err)
+            self._resubmit(item, err)
+            return
         records = split_scored(item.traj, torch.as_tensor(scores), info, item.version, self.actor_id)
         t0 = time.perf_counter()
-        while True:
+        pending = records
+        while pending:
             try:
-                self.stream.add_many(records, block_s=1.0)
-                break
+                self.stream.add_many(pending, block_s=1.0)
+                pending = []
             except Backpressure as bp:
-                records = records[len(bp.added_ids) :]
+                pending = pending[len(bp.added_ids) :]
                 if self.stopped():
-                    return True
+                    break
         self.stats["stream_wait_s"] += time.perf_counter() - t0
-        self.stats["samples"] += len(records)
-        return True
+        self.stats["samples"] += len(records) - len(pending)
 
-    def _resubmit(self, item: _InFlight, err: Exception) -> bool:
+    def _resubmit(self, item: _InFlight, err: Exception) -> None:
         delay = min(30.0, 2.0**item.attempts)
         logger.warning("%s: scoring failed (%s); retrying the batch in %.0fs", self.actor_id, err, delay)
         time.sleep(delay)
         item.future = self._submit_scoring(item.traj)
         item.attempts += 1
         self.inflight.appendleft(item)
-        return False
 
     def _drain(self, block: bool) -> None:
         """Stream finished batches in order; with block, wait until there is room for one more in flight."""

@@ -97,7 +97,7 @@ def lora_gradient(
     # the preset's scaling: this sample's share of a micro-batch (1 / batch_size) and the divisor
     # gradient_accumulation_steps x trained timesteps
     share = 1.0 / t.batch_size
-    divisor = t.gradient_accumulation_steps * cfg.num_train_timesteps
+    divisor = t.gradient_accumulation_steps * cfg.trained_steps_per_sample
     adv = torch.ones(1, device=learner.device)
     for step in TRAINED_STEPS:
         step_t = torch.tensor([step], device=learner.device)

@@ -34,10 +34,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from services import models
 from services.config import TrainConfig, build_config
-from services.models import resolve_device  # noqa: F401  (re-exported for the benchmarks)
+from services.models import DTYPES, resolve_device  # noqa: F401  (re-exported for the benchmarks)
 from services.tiny_models import SD1_SCHEDULER, _tiny_tokenizer, build_tiny_sd_pipeline
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

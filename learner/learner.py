@@ -272,7 +272,7 @@ class Learner:
         if isinstance(self.objective, WeightedRegression):
             weights = self.objective.weights(data.rewards.cpu(), t).to(self.device)
         n, num_steps = data.log_probs.shape
-        num_train_t = cfg.num_train_timesteps
+        num_train_t = cfg.trained_steps_per_sample  # trained denoising steps of each sample
         divisor = t.gradient_accumulation_steps * num_train_t
         policy_stats = PolicyStats(data.lags.tolist())
         losses: list[float] = []

@@ -7,7 +7,7 @@ Effective-batch arithmetic (checked in `TrainConfig._check_batch_arithmetic`):
     samples_per_epoch   = sampling.batch_size * sampling.num_batches_per_epoch
     samples_per_update  = training.batch_size * training.gradient_accumulation_steps
     updates_per_epoch   = samples_per_epoch / samples_per_update * training.num_inner_epochs
-    timesteps_trained   = round(sampling.num_steps * training.timestep_fraction) per sample
+    trained_steps_per_sample = round(sampling.num_steps * training.timestep_fraction)
 """
 
 from __future__ import annotations
@@ -251,13 +251,17 @@ class ClusterConfig(_Section):
     max_inflight_batches: int = Field(2, ge=1)
     """Per actor: sampled batches whose rewards may be in flight while the next batch samples."""
     stream_max_backlog: int = Field(256, ge=1)
-    """Producers wait while more than this many trajectories are unread or unacknowledged (never trimmed)."""
+    """Producers wait while more than this many trajectories are in the stream and not yet delivered to the learner
+    (delivered but unacknowledged ones do not count: the learner holds those until its next checkpoint). Nothing is
+    trimmed. The sampling quota usually binds first; this bounds Redis memory when the learner stops reading."""
     latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype of a trajectory's latents, as sampled and as streamed, whatever model.dtype is: each x_{t-1} is rounded
     to it when drawn and scored after rounding, so the ratio is exactly 1 on-policy in every dtype. float32 is the
     exact Gaussian policy; float16/bfloat16 halve the stream's bytes but perturb the late, low-noise steps."""
     reclaim_idle_ms: int = Field(60_000, ge=1)
-    """Entries delivered to a consumer but unacknowledged this long are reclaimed by the learner (XAUTOCLAIM)."""
+    """Entries delivered to another consumer (a learner that was replaced) and unacknowledged this long are claimed
+    by the learner (XPENDING + XCLAIM; unlike XAUTOCLAIM, never its own pending entries, which it holds on purpose
+    until its next checkpoint)."""
     lag0_starvation_s: float = Field(60.0, gt=0)
     """If no trajectory arrives for this long while the learner waits, it re-opens the missing part of the current
     version's sampling quota (a crashed actor's claimed batch will never come). Applies at every max_policy_lag."""
@@ -310,7 +314,9 @@ class TrainConfig(_Section):
         return self.samples_per_epoch // self.samples_per_update * self.training.num_inner_epochs
 
     @property
-    def num_train_timesteps(self) -> int:
+    def trained_steps_per_sample(self) -> int:
+        """Denoising steps trained per sample and inner epoch: round(sampling.num_steps x training.timestep_fraction).
+        (Not diffusers' `num_train_timesteps`, the 1000 steps of the noise schedule.)"""
         return max(1, round(self.sampling.num_steps * self.training.timestep_fraction))
 
     @model_validator(mode="after")
@@ -420,7 +426,25 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
+RENAMED_KEYS = {
+    "num_train_timesteps": "it was never a setting: the trained steps per sample are sampling.num_steps x "
+    "training.timestep_fraction (TrainConfig.trained_steps_per_sample)",
+    "training.num_train_timesteps": "set training.timestep_fraction (trained steps per sample = sampling.num_steps "
+    "x training.timestep_fraction)",
+}
+
+
+def _refuse_renamed(tree: dict[str, Any]) -> None:
+    for dotted, advice in RENAMED_KEYS.items():
+        node: Any = tree
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"invalid config:\n  {dotted}: not a config key: {advice}")
+
+
 def build_config(tree: dict[str, Any]) -> TrainConfig:
+    _refuse_renamed(tree)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:

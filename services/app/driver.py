@@ -67,7 +67,7 @@ def banner(cfg: TrainConfig, run_dir: Path) -> str:
     return (
         f"DDPO run {run_dir}: objective={cfg.training.objective} reward={cfg.reward.name} "
         f"samples/epoch={cfg.samples_per_epoch} ({cfg.sampling.batch_size} x {cfg.sampling.num_batches_per_epoch}) "
-        f"updates/epoch={cfg.updates_per_epoch} timesteps trained/sample={cfg.num_train_timesteps}/"
+        f"updates/epoch={cfg.updates_per_epoch} timesteps trained/sample={cfg.trained_steps_per_sample}/"
         f"{cfg.sampling.num_steps} epochs={cfg.num_epochs}"
     )
 
