@@ -38,7 +38,6 @@ from services.models import DTYPES, resolve_device  # noqa: F401  (re-exported f
 from services.tiny_models import SD1_SCHEDULER, _tiny_tokenizer, build_tiny_sd_pipeline
 
 
-
 @dataclass(frozen=True)
 class Shapes:
     """Default workload of a preset (every benchmark can override each field)."""

@@ -107,7 +107,9 @@ def test_objective_choices_are_the_objective_table():
 
 
 def test_diffusers_name_num_train_timesteps_is_refused_by_name():
-    with pytest.raises(ConfigError, match=r"training\.num_train_timesteps: not a config key.*timestep_fraction"):
+    with pytest.raises(
+        ConfigError, match=r"training\.num_train_timesteps: not a config key.*timestep_fraction"
+    ):
         load_config("quickstart", ["training.num_train_timesteps=5"])
     cfg = load_config("quickstart", ["training.timestep_fraction=0.5"])
     assert cfg.trained_steps_per_sample == 5  # 10 steps x 0.5
