@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.reward_api import SERVER_APIS
 from services.rewards import REWARDS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-RewardName = Literal[tuple(REWARDS)]  # type: ignore[valid-type]
 ServerKind = Literal[tuple(SERVER_APIS)]  # type: ignore[valid-type]
 
 
@@ -163,10 +162,20 @@ class RewardServerConfig(_Section):
     """Extra command-line flags of a spawned server, e.g. ["--max-batch-size", "16"]."""
 
 
+def _known_reward(name: str) -> str:
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; known: {', '.join(REWARDS)} (services/rewards.py)")
+    return name
+
+
+RewardName = Annotated[str, AfterValidator(_known_reward)]
+"""A name of the reward registry, `services.rewards.REWARDS`."""
+
+
 class RewardConfig(_Section):
     name: RewardName = "jpeg_compressibility"
-    """Reward to optimise (the registry in services/rewards.py: jpeg_compressibility, jpeg_incompressibility,
-    aesthetic, prompt_alignment)."""
+    """Reward to optimise, by name in the registry (services/rewards.py): jpeg_compressibility,
+    jpeg_incompressibility, aesthetic, prompt_alignment, and any reward added there."""
     mode: Literal["local", "http"] = "local"
     """local: computed in the sampling process (rewards that need no model: the jpeg ones); http: through the reward
     servers."""
@@ -339,6 +348,8 @@ class TrainConfig(_Section):
         if self.training.objective == "ddpo_sf":
             self._check_on_policy()
         reward = REWARDS[self.reward.name]
+        if self.reward.mode == "http" and reward.remote is None:
+            raise ValueError(f"reward.mode: reward {self.reward.name!r} runs only in process: use reward.mode=local")
         if self.reward.mode == "local" and reward.local is None:
             raise ValueError(
                 f"reward.mode: 'local' needs a reward computed in process ("

@@ -300,7 +300,10 @@ class RewardClient:
         """Reward `name` of the registry, through the servers: (one score per image, info of per-sample lists)."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return await get_reward(name).remote(self, images, prompts, metadata)
+        reward = get_reward(name)
+        if reward.remote is None:
+            raise ValueError(f"reward {name!r} runs only in process (reward.mode=local), not through the servers")
+        return await reward.remote(self, images, prompts, metadata)
 
 
 class SyncRewardClient:

@@ -4,9 +4,10 @@ function in the sampling process.
 Every reward has one signature, ``(images, prompts, metadata) -> (scores, info)``: images are RGB PIL images, scores
 one float per image, info a dict of per-sample lists (JSON-serialisable). A reward is
 
-- ``remote``: the same over HTTP, an async function of a `RewardServers` (the client's `call(kind, request)`), used
-  when `reward.mode: http`; the servers it calls are ``servers`` (kinds of `services.reward_api.SERVER_APIS`);
-- ``local``: computed in the sampling process (`reward.mode: local`), when it needs no model.
+- ``local``: computed in the sampling process (`reward.mode: local`), when it needs no model;
+- ``remote``: over HTTP, an async function of a `RewardServers` (the client's `call(kind, request)`), used when
+  `reward.mode: http`; the servers it calls are ``servers`` (kinds of `services.reward_api.SERVER_APIS`).
+A reward has at least one of the two.
 
 Add a reward by adding a row to `REWARDS` (README, "Add a reward").
 """
@@ -58,9 +59,9 @@ RemoteFn = Callable[[RewardServers, Images, Sequence[str], Metadata], Awaitable[
 class Reward:
     name: str
     about: str
-    servers: tuple[str, ...]  # reward-server kinds `remote` calls
-    remote: RemoteFn
-    local: RewardFn | None = None  # computed in the sampling process; None = only through the servers
+    servers: tuple[str, ...] = ()  # reward-server kinds `remote` calls
+    remote: RemoteFn | None = None  # over HTTP (reward.mode: http); None = only in process
+    local: RewardFn | None = None  # in the sampling process (reward.mode: local); None = only through the servers
 
 
 async def _encoded(images: Images, fmt: str) -> list[str]:
@@ -135,13 +136,13 @@ async def remote_prompt_alignment(
 REWARDS: dict[str, Reward] = {
     r.name: r
     for r in (
-        Reward("jpeg_compressibility", "-kB of a quality-95 JPEG", ("jpeg",), remote_jpeg_compressibility,
+        Reward("jpeg_compressibility", "-kB of a quality-95 JPEG", ("jpeg",), remote=remote_jpeg_compressibility,
                local=jpeg_compressibility),
-        Reward("jpeg_incompressibility", "+kB of a quality-95 JPEG", ("jpeg",), remote_jpeg_incompressibility,
+        Reward("jpeg_incompressibility", "+kB of a quality-95 JPEG", ("jpeg",), remote=remote_jpeg_incompressibility,
                local=jpeg_incompressibility),
-        Reward("aesthetic", "LAION aesthetic predictor on CLIP ViT-L/14", ("aesthetic",), remote_aesthetic),
+        Reward("aesthetic", "LAION aesthetic predictor on CLIP ViT-L/14", ("aesthetic",), remote=remote_aesthetic),
         Reward("prompt_alignment", "BERTScore recall of a LLaVA description against the prompt",
-               ("llava", "bertscore"), remote_prompt_alignment),
+               ("llava", "bertscore"), remote=remote_prompt_alignment),
     )
 }  # fmt: skip
 
