@@ -29,7 +29,7 @@ from services.app.infra import prepare_local_ray, ray_cluster, redis_server, rew
 from services.artifacts import read_metrics
 from services.config import ConfigError, TrainConfig, dump_config, load_config
 from services.keys import RunKeys
-from services.models import load_pipeline
+from services.models import load_pipeline, quiet_model_loading
 from services.streams import TrajectoryStream, redis_client
 from services.tiny_models import write_tiny_sd
 
@@ -47,6 +47,7 @@ def prepare_models(cfg: TrainConfig) -> None:
 
 def write_tiny_models(out_dir: str | Path) -> Path:
     """`ddpo tiny-models`: every tiny random model under out_dir (sd/, llava/, aesthetic/)."""
+    quiet_model_loading()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_sd(out / "sd")
