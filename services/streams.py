@@ -146,10 +146,6 @@ class TrajectoryStream:
         """Entries in the stream: undelivered plus delivered-but-unacknowledged (acknowledged ones are deleted)."""
         return int(self._r.xlen(self.key))
 
-    def pending_count(self) -> int:
-        """Entries delivered to some consumer and not yet acknowledged."""
-        return int(self._r.xpending(self.key, self.group)["pending"])
-
     # ---- producer -------------------------------------------------------------------------------------------
     def add(self, traj: ScoredTrajectory, block_s: float | None = None) -> str:
         """Append one trajectory; returns its entry id. Backpressure as in ``add_many``."""
@@ -443,18 +439,6 @@ class WeightChannel:
         if got is None or new_seq <= seq:
             return None
         return new_seq, got[0], got[1]
-
-    def wait_for_version(self, version: int, timeout_s: float, poll_s: float = 0.5) -> bool:
-        """Block until ``latest_version() >= version`` (True) or ``timeout_s`` passes (False).
-
-        Woken by the notification; re-checks the version key at least every ``poll_s`` in case one is missed.
-        """
-        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(self.notify_channel)  # subscribe before the first check: no lost wake-ups
-            return self._wait(pubsub, version, timeout_s, poll_s)
-        finally:
-            pubsub.close()
 
     def _wait(
         self,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -57,6 +56,30 @@ def traj(i: int, t_steps: int = 3) -> ScoredTrajectory:
     )
 
 
+def pending(r: redis.Redis, s: TrajectoryStream) -> int:
+    """Entries delivered to some consumer and not yet acknowledged (XPENDING)."""
+    return int(r.xpending(s.key, s.group)["pending"])
+
+
+class FakeClock:
+    """Stands in for the `time` module of services.streams: `sleep` is recorded and moves `monotonic` on, and
+    `on_sleep` runs what the rest of the system does while the caller waits (checks on events, not on clocks)."""
+
+    def __init__(self, on_sleep: Callable[[], None] | None = None) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+        self.on_sleep = on_sleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if self.on_sleep is not None:
+            self.on_sleep()
+
+
 # ---- trajectory stream ----------------------------------------------------------------------------------------
 
 
@@ -70,9 +93,9 @@ def test_add_read_ack_round_trip(r: redis.Redis, run_id: str) -> None:
         assert d.trajectory_id == t.trajectory_id and d.prompt == t.prompt and d.reward == t.reward
         assert d.latents.dtype == torch.bfloat16 and torch.equal(d.latents, t.latents.bfloat16())
         assert torch.equal(d.log_probs, t.log_probs) and torch.equal(d.timesteps, t.timesteps)
-    assert s.backlog() == 0 and s.pending_count() == 3  # delivered, not yet acked: no longer backlog
+    assert s.backlog() == 0 and pending(r, s) == 3  # delivered, not yet acked: no longer backlog
     assert s.ack(ids) == 3
-    assert s.backlog() == 0 and s.pending_count() == 0
+    assert s.backlog() == 0 and pending(r, s) == 0
     assert r.xrange(s.key) == []  # ack deletes the data
     assert s.read("learner-0", count=10, block_ms=50) == []
 
@@ -112,41 +135,45 @@ def test_pending_entries_are_redelivered_to_same_consumer_after_crash(r: redis.R
 
 
 def test_idle_entries_of_dead_consumer_are_reclaimed(r: redis.Redis, run_id: str) -> None:
-    s = TrajectoryStream(r, run_id, min_idle_ms=200)
+    s = TrajectoryStream(r, run_id, min_idle_ms=60_000)
     ids = [s.add(traj(i)) for i in range(3)]
     assert [e for e, _ in s.read("dead", count=2)] == ids[:2]
 
-    alive = TrajectoryStream(r, run_id, min_idle_ms=200)
+    alive = TrajectoryStream(r, run_id, min_idle_ms=60_000)
     assert [e for e, _ in alive.read("alive", count=10)] == ids[2:]  # dead's entries are not idle yet
-    time.sleep(0.3)
+    # dead's entries idle for 61 s, as Redis counts it (XCLAIM ... IDLE sets the idle time without waiting for it)
+    r.xclaim(s.key, s.group, "dead", 0, ids[:2], idle=61_000)
     reclaimed = alive.read("alive", count=10)
     assert [e for e, _ in reclaimed] == ids[:2]  # ... now they are; alive's own held entry is not re-claimed
     assert [t.trajectory_id for _, t in reclaimed] == ["traj-0", "traj-1"]
     assert alive.ack(ids) == 3
-    assert alive.backlog() == 0 and alive.pending_count() == 0
+    assert alive.backlog() == 0 and pending(r, alive) == 0
 
 
-def test_backpressure_raises_and_never_trims(r: redis.Redis, run_id: str) -> None:
+def test_backpressure_raises_and_never_trims(
+    r: redis.Redis, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     s = TrajectoryStream(r, run_id, max_backlog=3)
     added = [s.add(traj(i)) for i in range(3)]
     with pytest.raises(Backpressure, match="max_backlog 3"):
         s.add(traj(3))
-    t0 = time.monotonic()
-    with pytest.raises(Backpressure):
+    # block_s: the producer polls the backlog, waiting in between, until block_s has passed on its clock
+    clock = FakeClock()
+    monkeypatch.setattr("services.streams.time", clock)
+    with pytest.raises(Backpressure, match="after waiting 0.2s"):
         s.add(traj(3), block_s=0.2)
-    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert len(clock.sleeps) > 1 and sum(clock.sleeps) == pytest.approx(0.2)
     assert s.backlog() == 3
 
     # delivery frees room (the learner may hold delivered entries unacked until its checkpoint): a blocked add
-    # goes through once the learner reads
-    timer = threading.Timer(0.2, lambda: got.extend(s.read("c", count=1)))
+    # goes through once the learner reads, which it does here while the producer waits
     got: list = []
-    timer.start()
-    try:
-        added.append(s.add(traj(3), block_s=5.0))
-    finally:
-        timer.join()
-    assert s.backlog() == 3 and s.pending_count() == 1
+    clock = FakeClock(on_sleep=lambda: got.extend(s.read("c", count=1)) if not got else None)
+    monkeypatch.setattr("services.streams.time", clock)
+    added.append(s.add(traj(3), block_s=5.0))
+    assert len(got) == 1 and len(clock.sleeps) == 1  # it waited, and the read let it through at the next poll
+    monkeypatch.undo()
+    assert s.backlog() == 3 and pending(r, s) == 1
     s.ack([got[0][0]])
 
     # every added entry is readable: nothing was trimmed
@@ -189,7 +216,7 @@ def test_corrupt_entries_go_to_dead_letter(
     fields = dead[0][1]
     assert fields[b"source_id"].decode() == bad and fields[b"payload"] == b"\x00garbage"
     assert b"CodecError" in fields[b"error"]
-    assert s.backlog() == 0 and s.pending_count() == 1  # the bad entry is acked and deleted
+    assert s.backlog() == 0 and pending(r, s) == 1  # the bad entry is acked and deleted
 
 
 def test_pending_entry_deleted_elsewhere_is_dropped(r: redis.Redis, run_id: str) -> None:
@@ -198,7 +225,7 @@ def test_pending_entry_deleted_elsewhere_is_dropped(r: redis.Redis, run_id: str)
     s.read("c", count=1)
     r.xdel(s.key, entry)  # data gone while still pending for "c"
     assert TrajectoryStream(r, run_id).read("c", count=5) == []
-    assert s.pending_count() == 0
+    assert pending(r, s) == 0
 
 
 def test_stream_recovers_when_redis_loses_the_group(r: redis.Redis, run_id: str) -> None:
@@ -308,46 +335,88 @@ def test_rollback_republish_replaces_newer_weights(r: redis.Redis, run_id: str) 
     assert sub.poll() is None
 
 
-def test_wait_for_version_with_publisher_thread(r: redis.Redis, run_id: str) -> None:
-    ch = WeightChannel(r, run_id)
-    publisher = threading.Timer(0.2, lambda: WeightChannel(r, run_id).publish(5, lora_state(5)))
-    publisher.start()
-    try:
-        t0 = time.monotonic()
-        # poll_s > timeout_s: only the notification can wake it in time
-        assert ch.wait_for_version(5, timeout_s=5.0, poll_s=10.0)
-        assert time.monotonic() - t0 < 2.0
-    finally:
-        publisher.join()
-    assert ch.wait_for_version(4, timeout_s=0.0)  # already there
-    t0 = time.monotonic()
-    assert not ch.wait_for_version(6, timeout_s=0.2)
-    assert 0.2 <= time.monotonic() - t0 < 2.0
+class WaitingSubscriber:
+    """Records what a subscriber's pubsub hands back while it waits, and says (`waiting`) once it is blocked waiting
+    for a notification: at its second read, the first one having read the confirmation of its subscription."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.waiting = threading.Event()
+        self.replies: list[dict | None] = []
+        get_message = redis.client.PubSub.get_message
+
+        def recording(pubsub: redis.client.PubSub, *args, **kwargs):
+            if self.replies:
+                self.waiting.set()
+            reply = get_message(pubsub, *args, **kwargs)
+            self.replies.append(reply)
+            return reply
+
+        monkeypatch.setattr(redis.client.PubSub, "get_message", recording)
+
+    def notifications(self) -> list[bytes]:
+        return [m["data"] for m in self.replies if m is not None and m["type"] == "message"]
 
 
-def test_wait_falls_back_to_polling_when_notification_is_missed(r: redis.Redis, run_id: str) -> None:
-    ch = WeightChannel(r, run_id)
-    writer = threading.Timer(0.1, lambda: r.set(ch.version_key, "2"))  # version appears without a PUBLISH
-    writer.start()
-    try:
-        assert ch.wait_for_version(2, timeout_s=5.0, poll_s=0.05)
-    finally:
-        writer.join()
+def publish_when_waiting(waiter: WaitingSubscriber, publish: Callable[[], None]) -> threading.Thread:
+    """A publisher thread that publishes once the subscriber is blocked waiting (an event, not a delay)."""
+
+    def run() -> None:
+        assert waiter.waiting.wait(30)
+        publish()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
-def test_subscriber_wait_gets_new_version(r: redis.Redis, run_id: str) -> None:
+def test_subscriber_wait_is_woken_by_the_notification(
+    r: redis.Redis, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ch = WeightChannel(r, run_id)
     ch.publish(0, lora_state(0))
     sub = WeightSubscriber(ch, version=0)
-    publisher = threading.Timer(0.1, lambda: WeightChannel(r, run_id).publish(1, lora_state(1)))
-    publisher.start()
+    waiter = WaitingSubscriber(monkeypatch)
+    publisher = publish_when_waiting(waiter, lambda: WeightChannel(r, run_id).publish(1, lora_state(1)))
     try:
-        got = sub.wait(timeout_s=5.0)
+        # poll_s as long as timeout_s: the version key is read again only when the notification arrives
+        got = sub.wait(timeout_s=30.0, poll_s=30.0)
         assert got is not None and got[0] == 1
         assert_state_equal(got[1], lora_state(1))
-        assert sub.wait(timeout_s=0.1) is None
+        assert waiter.notifications() == [b"1"]  # what woke it
+        assert sub.wait(timeout_s=0.1) is None  # nothing newer
     finally:
         publisher.join()
+        sub.close()
+
+
+def test_subscriber_wait_falls_back_to_polling_when_the_notification_is_missed(
+    r: redis.Redis, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ch = WeightChannel(r, run_id)
+    sub = WeightSubscriber(ch)
+    waiter = WaitingSubscriber(monkeypatch)
+    silent = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
+    silent.publish = lambda channel, message: 0  # the weights are stored, the PUBLISH is lost
+    publisher = publish_when_waiting(waiter, lambda: WeightChannel(silent, run_id).publish(2, lora_state(2)))
+    try:
+        got = sub.wait(timeout_s=30.0, poll_s=0.05)
+        assert got is not None and got[0] == 2
+        assert waiter.notifications() == []  # found by re-reading the version key, not by a notification
+    finally:
+        publisher.join()
+        sub.close()
+        silent.close()
+
+
+def test_subscriber_wait_hands_out_what_is_already_there_at_once(r: redis.Redis, run_id: str) -> None:
+    ch = WeightChannel(r, run_id)
+    ch.publish(4, lora_state(4))
+    sub = WeightSubscriber(ch)
+    try:
+        got = sub.wait(timeout_s=0.0)  # no time to wait at all: the publication is there already
+        assert got is not None and got[0] == 4
+        assert sub.wait(timeout_s=0.0) is None
+    finally:
         sub.close()
 
 
