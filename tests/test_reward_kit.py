@@ -14,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import APIRouter
-from PIL import Image
+from PIL import Image, ImageFile
 from reward_server_utils import REPO, b64, free_port, image_bytes, noise_image, png_b64, png_with_header_size
 
 from reward_servers.kit import (
@@ -81,16 +81,37 @@ def test_batcher_splits_a_request_larger_than_a_batch() -> None:
     assert [len(b) for b in model.batches] == [4, 4, 2]
 
 
-def test_batcher_waits_at_most_max_wait_for_a_batch_to_fill() -> None:
-    async def scenario() -> float:
-        batcher = DynamicBatcher(RecordingModel(), max_batch_size=64, max_wait_s=0.2, max_queue=100)
-        batcher.start()
-        started = time.monotonic()
-        await batcher.submit([1], timeout_s=5)
-        await batcher.stop()
-        return time.monotonic() - started
+def test_batcher_holds_a_lone_request_for_company_and_runs_a_full_batch_at_once() -> None:
+    model = RecordingModel()
 
-    assert 0.2 <= asyncio.run(scenario()) < 1.5
+    async def scenario() -> None:
+        # max_wait_s far longer than the test: only a full batch can start the model
+        batcher = DynamicBatcher(model, max_batch_size=2, max_wait_s=600, max_queue=100)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit([1], timeout_s=600))
+        for _ in range(20):  # the collector runs on this loop: let it see the request
+            await asyncio.sleep(0)
+        assert model.batches == [] and batcher.queue_depth == 1  # held, waiting for a second item
+        second = await asyncio.wait_for(batcher.submit([2], timeout_s=600), 30)
+        assert second == [4] and await first == [2]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert model.batches == [[1, 2]]  # the two requests went out together
+
+
+def test_batcher_sends_a_lone_request_alone_once_max_wait_has_passed() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(model, max_batch_size=64, max_wait_s=0.05, max_queue=100)
+        batcher.start()
+        out = await asyncio.wait_for(batcher.submit([1], timeout_s=600), 30)  # not a full batch, sent anyway
+        await batcher.stop()
+        return out
+
+    assert asyncio.run(scenario()) == [2]
+    assert model.batches == [[1]]
 
 
 def test_batcher_full_queue_raises_queue_full_with_retry_after() -> None:
@@ -169,13 +190,27 @@ def test_decode_refuses_bad_images_naming_the_index(data: str, status: int, word
     assert str(info.value).startswith("images[1]: ") and words in str(info.value)
 
 
-def test_pixel_limit_is_checked_on_the_header_before_decoding() -> None:
+def test_pixel_limit_is_checked_on_the_header_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(image: ImageFile.ImageFile):  # every pixel decode of a PNG/JPEG/WebP goes through here
+        decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    decode_image(png_b64(noise_image(0)), max_pixels=4096 * 4096)
+    seen = len(decoded)
+    assert seen > 0  # the recorder sees a decode
     bomb = b64(png_with_header_size(100_000, 100_000))  # 10^10 pixels, 30 GB if decoded
-    started = time.monotonic()
     with pytest.raises(ImageInputError) as info:
         decode_image(bomb, max_pixels=4096 * 4096)
     assert info.value.status_code == 413
-    assert time.monotonic() - started < 1.0
+    assert len(decoded) == seen  # the bomb was refused on its header: none of its pixels were decoded
+    small_bomb = b64(png_with_header_size(5000, 5000))  # under Pillow's own bomb limit: refused by ours
+    with pytest.raises(ImageInputError, match="5000x5000 pixels is over the limit"):
+        decode_image(small_bomb, max_pixels=4096 * 4096)
+    assert len(decoded) == seen
 
 
 def test_request_pixel_budget_is_checked_before_decoding_any_image() -> None:
