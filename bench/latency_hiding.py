@@ -61,6 +61,7 @@ from services.tiny_models import write_tiny_sd
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
 DELAY_ENV = "DDPO_BENCH_REWARD_DELAY_S"
 SCORING_OVERHEAD_S = 0.25  # encoding + HTTP + scoring of a tiny batch, on top of the added delay
+_delay = asyncio.sleep  # the added latency of the delayed server (tests record it instead of waiting)
 
 
 # ---- the delayed jpeg reward server ----------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def delayed_jpeg_app(delay_s: float) -> FastAPI:
 
     @app.post("/v1/score")
     async def score(body: ScoreRequest) -> dict:
-        await asyncio.sleep(delay_s)
+        await _delay(delay_s)
         kb = await asyncio.to_thread(decode_and_score, body.images)
         return {"scores": [-k for k in kb], "jpeg_kb": kb}
 
