@@ -288,7 +288,7 @@ def test_auth_token_is_sent(make_stub: Callable[..., Stub]) -> None:
 
 
 def test_client_from_config_sends_the_token_of_the_configured_variable(
-    make_stub: Callable[..., Stub], monkeypatch: pytest.MonkeyPatch
+    make_stub: Callable[..., Stub], monkeypatch: pytest.MonkeyPatch, backoff_sleeps: list[float]
 ) -> None:
     """Every part of a run that scores over HTTP (sampling actors, the learner's evaluation, `ddpo eval`) builds its
     client from the reward config: the token comes from `reward.auth_token_env`, retries and timeout from there."""
@@ -296,16 +296,27 @@ def test_client_from_config_sends_the_token_of_the_configured_variable(
 
     stub = make_stub(lambda path, body: {"scores": [1.0] * len(body["images"])})
     reward = RewardConfig(
-        name="aesthetic", mode="http", timeout_s=7.0, max_retries=1, auth_token_env="MY_TOKEN"
+        name="aesthetic", mode="http", timeout_s=0.5, max_retries=1, auth_token_env="MY_TOKEN"
     )
     monkeypatch.setenv("MY_TOKEN", "s3cret")
     with SyncRewardClient.from_config(reward, {"aesthetic": [stub.url]}) as client:
-        assert client.client.timeout_s == 7.0 and client.client.max_retries == 1
         client.score("aesthetic", images(1), ["a"], [{}], timeout_s=10)
     monkeypatch.setenv("MY_TOKEN", "")  # empty: no token, not "Bearer "
     with SyncRewardClient.from_config(reward, {"aesthetic": [stub.url]}) as client:
         client.score("aesthetic", images(1), ["a"], [{}], timeout_s=10)
     assert [call[2].get("authorization") for call in stub.calls] == ["Bearer s3cret", None]
+    # a replica that never answers: each attempt ends at the config's 0.5 s timeout (the client's default is 60 s,
+    # longer than this call may take), and max_retries 1 makes two attempts
+    stub.gate = threading.Event()
+    try:
+        with (
+            SyncRewardClient.from_config(reward, {"aesthetic": [stub.url]}) as client,
+            pytest.raises(RewardRequestError, match="after 2 attempts.*ReadTimeout"),
+        ):
+            client.score("aesthetic", images(1), ["a"], [{}], timeout_s=20)
+    finally:
+        stub.gate.set()
+    assert len(stub.calls) == 2 + 2 and len(backoff_sleeps) == 1
 
 
 def images(n: int) -> list[Image.Image]:
