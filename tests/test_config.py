@@ -8,9 +8,18 @@ from services.config import CONFIG_DIR, ConfigError, load_config
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-def test_every_preset_validates(preset):
+def test_every_preset_loads_and_its_prompts_resolve(preset):
+    """load_config validates a preset's fields; its prompt set is read only when a run starts, and its held-out
+    prompts when it evaluates: both must resolve, and the held-out prompts are never trained on."""
+    from services.evaluation import eval_prompts_and_seeds
+    from services.prompts import prompt_list
+
     cfg = load_config(preset)
-    assert cfg.samples_per_epoch % cfg.samples_per_update == 0
+    prompts = prompt_list(cfg.prompts)
+    assert prompts and all(p.strip() for p in prompts)
+    if cfg.evaluation.every:
+        held_out, _ = eval_prompts_and_seeds(cfg)
+        assert held_out and not set(held_out) & set(prompts)
 
 
 def test_paper_presets_keep_reference_values():
