@@ -1,4 +1,6 @@
-"""Run-directory artifacts: TensorBoard events read back, grids, the reward curve, W&B calls, report.html."""
+"""Run-directory artifacts as the training loop's recorder (`learner.recorder.EpochRecorder`) leaves them: TensorBoard
+events read back, grids, the reward curve, W&B calls, report.html. The held-out sampling and the VAE decode are stood
+in for (recorded); everything else is the recorder's own code path."""
 
 from __future__ import annotations
 
@@ -8,15 +10,20 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from services.artifacts import CELL_PX, RunArtifacts
-from services.config import dump_config
+from learner.recorder import EpochRecorder
+from services.app.driver import make_run_dir
+from services.artifacts import CELL_PX
 from services.evaluation import EvalResult
 from services.report import write_report
+from services.trajectory import ScoredTrajectory
 
 PROMPTS = ["a cat", "a dog", "a bird", "a fish", "a cat", "a dog"]
+EVAL = {"every": 2, "prompts": ["a fox", "a cow"], "num_per_prompt": 2, "seed": 5,
+        "watch_rewards": ["jpeg_incompressibility"]}  # fmt: skip
 
 
 def _images(n: int, seed: int) -> list[Image.Image]:
@@ -25,9 +32,26 @@ def _images(n: int, seed: int) -> list[Image.Image]:
 
 
 def _row(epoch: int) -> dict:
-    # what the training loop writes to metrics.jsonl; approx_kl is None before the first update
+    # what the epoch loop hands the recorder; approx_kl is None before the first update
     return {"epoch": epoch, "policy_version": epoch + 1, "reward_mean": -3.0 + 0.25 * epoch, "reward_std": 0.5,
             "samples": 6, "approx_kl": None if epoch == 0 else 1e-3 * epoch, "actor": "local"}  # fmt: skip
+
+
+def _batch(epoch: int) -> list[ScoredTrajectory]:
+    """Six samples; sample i's final latent is filled with i (so the decode stand-in can tell which it got)."""
+    row = _row(epoch)
+    return [
+        ScoredTrajectory(
+            latents=torch.full((3, 4, 8, 8), float(i)),
+            log_probs=torch.zeros(2),
+            timesteps=torch.arange(2),
+            prompt=PROMPTS[i],
+            reward=row["reward_mean"] + 0.1 * i,
+            policy_version=epoch,
+            trajectory_id=f"t{epoch}-{i}",
+        )  # fmt: skip
+        for i in range(6)
+    ]
 
 
 def _eval(epoch: int) -> EvalResult:
@@ -43,28 +67,59 @@ def _eval(epoch: int) -> EvalResult:
     )
 
 
-def _run(tmp_path, cfg, epochs: int = 3):
-    """A fake run: the loop's calls to RunArtifacts for `epochs` epochs, with an evaluation at epochs 1 and 2."""
-    run = tmp_path / "run"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(dump_config(cfg))
-    with RunArtifacts(run, cfg) as artifacts:
-        for epoch in range(epochs):
-            row = _row(epoch)
-            rewards = [row["reward_mean"] + 0.1 * i for i in range(6)]
-            if epoch >= 1:
-                result = _eval(epoch)
-                row.update(result.metrics())
-                artifacts.log_eval(epoch, result)
-            with (run / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            artifacts.log_epoch(row, _images(6, epoch), PROMPTS, rewards)
-            artifacts.write_curves()
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """The recorder's two model calls, recorded: held-out evaluation (epochs) and the VAE decode (which samples)."""
+    calls = {"evaluate": [], "decode": []}
+
+    def evaluate(pipe, cfg, score_fns, epoch):
+        calls["evaluate"].append(epoch)
+        assert list(score_fns) == ["jpeg_compressibility", "jpeg_incompressibility"]
+        return _eval(epoch)
+
+    def decode_latents(pipe, x0):
+        calls["decode"].append([int(x[0, 0, 0]) for x in x0])
+        rng = np.random.default_rng(len(calls["decode"]))
+        return torch.from_numpy(rng.random((len(x0), 3, 64, 64), dtype=np.float32))
+
+    monkeypatch.setattr("learner.recorder.evaluate", evaluate)
+    monkeypatch.setattr("learner.recorder.decode_latents", decode_latents)
+    return calls
+
+
+def _run(tmp_path, cfg, epochs: int = 3, resume_epoch: int | None = None, rows=None):
+    """`epochs` epochs through the recorder, as the epoch loop calls it (a record per epoch, close at the end)."""
+    run = make_run_dir(
+        cfg, str(tmp_path / "run")
+    )  # config.yaml, images/, checkpoints/ as `ddpo train` makes them
+    learner = types.SimpleNamespace(pipe=None, device=torch.device("cpu"))
+    recorder = EpochRecorder(cfg, run, learner, {}, resume_epoch=resume_epoch)
+    for epoch in range(resume_epoch or 0, epochs):
+        recorder.record(rows[epoch] if rows else _row(epoch), _batch(epoch))
+    recorder.close()
     return run
 
 
-def test_tensorboard_scalars_and_images_read_back(tiny_train_config, tmp_path):
-    run = _run(tmp_path, tiny_train_config(logging={"images_per_epoch": 4}))
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_recorder_writes_each_row_with_its_evaluation_on_schedule(tiny_train_config, tmp_path, stand_ins):
+    cfg = tiny_train_config(num_epochs=3, evaluation=EVAL, logging={"images_per_epoch": 4})
+    run = _run(tmp_path, cfg)
+    # evaluation every 2 epochs (after epoch 1) and after the last one (epoch 2); its metrics join that epoch's row
+    assert stand_ins["evaluate"] == [1, 2]
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert "eval/jpeg_compressibility_mean" not in rows[0]
+    assert rows[1]["eval/jpeg_compressibility_mean"] == pytest.approx(-3.0)  # mean of [-3, -2.5, -3, -3.5]
+    assert rows[2]["eval/jpeg_incompressibility_mean"] == pytest.approx(3.25)  # mean of [2, 2.5, 3, 5.5]
+    # only the shown samples are decoded, from their final latents x_0, in batch order
+    assert stand_ins["decode"] == [[0, 1, 2, 3]] * 3
+
+
+def test_tensorboard_scalars_and_images_read_back(tiny_train_config, tmp_path, stand_ins):
+    run = _run(tmp_path, tiny_train_config(num_epochs=3, evaluation=EVAL, logging={"images_per_epoch": 4}))
     acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -84,18 +139,21 @@ def test_tensorboard_scalars_and_images_read_back(tiny_train_config, tmp_path):
     assert [e.step for e in acc.Images("images/samples")] == [0, 1, 2]
 
 
-def test_a_resumed_run_replaces_the_tensorboard_points_after_its_checkpoint(tiny_train_config, tmp_path):
-    cfg = tiny_train_config()
+def test_a_resumed_run_replaces_the_tensorboard_points_after_its_checkpoint(
+    tiny_train_config, tmp_path, stand_ins
+):
+    cfg = tiny_train_config(num_epochs=3)
     run = _run(tmp_path, cfg)  # epochs 0, 1, 2; say the checkpoint was after epoch 0
-    with RunArtifacts(run, cfg, resume_epoch=1) as artifacts:
-        artifacts.log_epoch({**_row(1), "reward_mean": 7.0})
+    # the loop drops metrics.jsonl's rows after the checkpoint before the resumed recorder starts (learner/loop.py)
+    (run / "metrics.jsonl").write_text(json.dumps(_row(0)) + "\n")
+    _run(tmp_path, cfg, epochs=2, resume_epoch=1, rows={1: {**_row(1), "reward_mean": 7.0}})
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("reward_mean")] == [(0, -3.0), (1, 7.0)]
 
 
-def test_grids_and_reward_curve_are_valid_pngs(tiny_train_config, tmp_path):
-    run = _run(tmp_path, tiny_train_config(logging={"images_per_epoch": 4}))
+def test_grids_and_reward_curve_are_valid_pngs(tiny_train_config, tmp_path, stand_ins):
+    run = _run(tmp_path, tiny_train_config(num_epochs=3, evaluation=EVAL, logging={"images_per_epoch": 4}))
     for epoch in range(3):
         grid = Image.open(run / "images" / f"epoch_{epoch:04d}.png")
         grid.verify()
@@ -115,13 +173,17 @@ def test_grids_and_reward_curve_are_valid_pngs(tiny_train_config, tmp_path):
     assert Image.open(run / "reward_curve.png").size == (1100, 400)
 
 
-def test_no_grids_when_images_per_epoch_is_zero_and_no_tb_when_off(tiny_train_config, tmp_path):
-    run = _run(tmp_path, tiny_train_config(logging={"images_per_epoch": 0, "tensorboard": False}), epochs=1)
+def test_no_grids_when_images_per_epoch_is_zero_and_no_tb_when_off(tiny_train_config, tmp_path, stand_ins):
+    cfg = tiny_train_config(num_epochs=1, logging={"images_per_epoch": 0, "tensorboard": False})
+    run = _run(tmp_path, cfg, epochs=1)
     assert not list((run / "images").glob("epoch_*.png")) and not (run / "tb").exists()
+    assert stand_ins["decode"] == [] and stand_ins["evaluate"] == []  # nothing shown, evaluation off
     assert (run / "reward_curve.png").exists()
 
 
-def test_wandb_is_optional_and_gets_the_same_scalars(tiny_train_config, tmp_path, monkeypatch, caplog):
+def test_wandb_is_optional_and_gets_the_same_scalars(
+    tiny_train_config, tmp_path, monkeypatch, caplog, stand_ins
+):
     calls = []
     fake_run = types.SimpleNamespace(
         log=lambda payload, step: calls.append(("log", step, payload)),
@@ -132,7 +194,10 @@ def test_wandb_is_optional_and_gets_the_same_scalars(tiny_train_config, tmp_path
         Image=lambda im: ("image", type(im).__name__),
     )
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    _run(tmp_path, tiny_train_config(logging={"wandb_project": "ddpo-test", "tensorboard": False}), epochs=2)
+    cfg = tiny_train_config(
+        num_epochs=2, evaluation=EVAL, logging={"wandb_project": "ddpo-test", "tensorboard": False}
+    )
+    _run(tmp_path, cfg, epochs=2)
     assert calls[0][0] == "init" and calls[0][1]["project"] == "ddpo-test"
     logs = [c for c in calls if c[0] == "log"]
     assert [c[1] for c in logs] == [0, 1, 1]  # epoch 0, then eval and epoch 1
@@ -145,14 +210,21 @@ def test_wandb_is_optional_and_gets_the_same_scalars(tiny_train_config, tmp_path
     assert calls[-1] == ("finish",)
     # not installed: a warning, and the run goes on
     monkeypatch.setitem(sys.modules, "wandb", None)
-    _run(tmp_path / "second", tiny_train_config(logging={"wandb_project": "ddpo-test"}), epochs=1)
+    _run(
+        tmp_path / "second", tiny_train_config(num_epochs=1, logging={"wandb_project": "ddpo-test"}), epochs=1
+    )
     assert "wandb is not installed" in caplog.text
 
 
-def test_report_has_curve_grids_metrics_and_config(tiny_train_config, tmp_path):
+def test_report_has_curve_grids_metrics_and_config(tiny_train_config, tmp_path, stand_ins):
     from services.app.cli import main
 
-    run = _run(tmp_path, tiny_train_config(run_name="report-test", logging={"images_per_epoch": 4}))
+    cfg = tiny_train_config(
+        run_name="report-test", num_epochs=3, evaluation=EVAL, logging={"images_per_epoch": 4}
+    )
+    run = _run(tmp_path, cfg)
+    assert (run / "report.html").exists()  # written when the recorder closes
+    (run / "report.html").unlink()
     main(["report", str(run)])  # the CLI path
     assert write_report(run) == run / "report.html"
     page = (run / "report.html").read_text()
