@@ -1,8 +1,13 @@
-"""Shared fixtures: offline hub, small thread count, and the tiny random-weight models written once per session."""
+"""Shared fixtures: offline hub, small thread count; written or started once per session: the tiny random-weight
+models, one local Ray, and the README quickstart's run directory."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,11 +22,43 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_path(tmp_path_factory) -> str:
-    """A tiny Stable Diffusion pipeline written by the same code as `ddpo tiny-models` (DIR/sd)."""
-    from services.tiny_models import write_tiny_sd
+def tiny_models(tmp_path_factory) -> Path:
+    """Every tiny random model, written once per session by the code of `ddpo tiny-models`: DIR/sd, DIR/llava,
+    DIR/aesthetic. Tests read them and never write there."""
+    from services.app.driver import write_tiny_models
 
-    return str(write_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd"))
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tiny_models) -> str:
+    """The tiny Stable Diffusion pipeline (DIR/sd of `tiny_models`)."""
+    return str(tiny_models / "sd")
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[Path]:
+    """One local Ray for the session, started as `services.app.infra.ray_cluster` starts one (every socket on
+    127.0.0.1, no dashboard, its own temp dir): `run_distributed` joins an initialised Ray instead of starting one per
+    run. Logical CPUs for the largest test run (3 actors). Yields the temp dir (Ray's logs are under it), deleted at
+    the end. Fault tests SIGKILL actors' processes, which Ray restarts; the cluster itself outlives them."""
+    import ray
+
+    # under /tmp: Ray's socket paths are under it and must stay short
+    temp = Path(tempfile.mkdtemp(prefix="ray-ddpo-test-", dir="/tmp"))
+    try:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, 4),
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}},
+            log_to_driver=True,
+            _temp_dir=str(temp),
+        )
+        yield temp
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
