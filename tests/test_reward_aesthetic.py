@@ -13,12 +13,12 @@ import torch
 from reward_server_utils import ServerProcess, fuzz_openapi, noise_image, png_b64, start_servers
 
 from reward_servers.aesthetic import AestheticMLP, AestheticSettings, load_mlp_state_dict, resolve_weights
-from reward_servers.tiny_models import write_tiny_aesthetic
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_aesthetic(tmp_path_factory.mktemp("tiny") / "aesthetic")
+def tiny_dir(tiny_models: Path) -> Path:
+    """The session's tiny CLIP + MLP (conftest.py: `write_tiny_aesthetic`, as `ddpo tiny-models` writes it)."""
+    return tiny_models / "aesthetic"
 
 
 @pytest.fixture(scope="module")

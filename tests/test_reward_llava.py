@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from reward_server_utils import ServerProcess, fuzz_openapi, noise_image, png_b64, start_servers
-
-from reward_servers.tiny_models import write_tiny_llava
 
 MAX_ITEMS = 4
 MAX_QUESTIONS = 3
@@ -18,8 +17,8 @@ IMAGES = [png_b64(noise_image(i, (40 + 8 * i, 32))) for i in range(3)]
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    model_dir = write_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava")
+def url(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model_dir = tiny_models / "llava"  # the session's tiny LLaVA (conftest.py)
     server = ServerProcess(
         "llava",
         *("--model", str(model_dir), "--max-items", str(MAX_ITEMS), "--max-questions", str(MAX_QUESTIONS)),
