@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that wait sleep instead of spinning: on 2 cores shared with the actors, servers and subprocesses the
+# tests start, spinning threads made tiny-model sampling and training up to 100x slower. Set before torch is imported
+# (OpenMP reads it once), and inherited by every process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # local Ray clusters of the tests keep every socket on 127.0.0.1 (Ray's single-machine mode; see services/infra.py)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -83,3 +89,16 @@ def tiny_train_config(tiny_sd_path):
         return build_config(tree)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    """The README's first command, `ddpo train` (the quickstart preset), run once as a user runs it: a subprocess
+    in a fresh working directory (about 2 minutes on 2 cores). Returns its run directory; the tests that check what
+    a run directory holds read this one instead of training on their own, and none of them writes to it."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    run = cwd / "run"
+    out = subprocess.run([sys.executable, "-m", "services.app.cli", "train", "--run-dir", str(run)], cwd=cwd,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=840)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run
