@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from reward_servers.tiny_models import write_tiny_llava
 from services.app.driver import make_run_dir, run_distributed
 from services.config import load_config
 
 
 @pytest.mark.timeout(900)
-def test_quickstart_alignment_runs_two_epochs_through_both_servers(tiny_sd_path, tmp_path):
-    llava = write_tiny_llava(tmp_path / "llava")
+@pytest.mark.usefixtures("local_ray")  # the session's Ray (conftest.py): the run joins it
+def test_quickstart_alignment_runs_two_epochs_through_both_servers(tiny_models, tmp_path):
+    tiny_sd_path, llava = tiny_models / "sd", tiny_models / "llava"
     cfg = load_config(
         "quickstart-alignment",
         [f"model.pretrained={tiny_sd_path}", f"reward.servers.llava.model={llava}", "evaluation.every=0"],

@@ -155,6 +155,7 @@ def test_latency_hiding_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.usefixtures("local_ray")  # the session's Ray (conftest.py): the distributed run joins it
 def test_e2e_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     from bench import e2e
 
