@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -74,11 +75,20 @@ class Sampler:
     def sample(
         self, prompts: list[str] | None = None, generator: torch.Generator | None = None
     ) -> Trajectory:
-        """One batch of `sampling.batch_size` trajectories (prompts drawn from the prompt set unless given)."""
+        """One batch of `sampling.batch_size` trajectories (prompts drawn from the prompt set unless given).
+
+        With `sampling.group_size` k, batch_size / k prompts are drawn and each is sampled k times in a row; the k
+        samples share a group id."""
         s = self.cfg.sampling
-        prompts = prompts if prompts is not None else self.prompt_sampler.sample(s.batch_size)
+        k = s.group_size
+        group_ids: list[str] = []
+        if prompts is None:
+            draws = self.prompt_sampler.sample(s.batch_size // k)
+            prompts = [p for p in draws for _ in range(k)]
+            if k > 1:
+                group_ids = [gid for gid in (uuid.uuid4().hex for _ in draws) for _ in range(k)]
         with autocast(self.cfg.performance, self.pipe.unet.device):
-            return sample_trajectory(
+            traj = sample_trajectory(
                 self.pipe,
                 prompts,
                 num_steps=s.num_steps,
@@ -88,7 +98,10 @@ class Sampler:
                 generator=generator or self.generator,
                 resolution=s.resolution,
                 latent_dtype=DTYPES[self.cfg.cluster.latent_dtype],
+                sde_window=s.sde_window,
             )
+        traj.group_ids = group_ids
+        return traj
 
     @property
     def scorer(self) -> Scorer:

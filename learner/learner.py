@@ -13,10 +13,12 @@ optimizer step is the mean over its samples and their trained timesteps.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from learner.objectives import (
     batch_advantages,
     clip_advantages,
     get_objective,
+    group_advantages,
     rwr_loss,
 )
 from services.config import TrainConfig
@@ -43,6 +46,7 @@ from services.models import (
     policy_state_dict,
     trainable_parameters,
 )
+from services.rewards import TERM_PREFIX
 from services.trajectory import ScoredTrajectory
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,8 @@ class EpochBatch:
     rewards: torch.Tensor  # [N] float32
     prompts: list[str]  # [N]
     lags: torch.Tensor  # [N] long, learner version - sampling version (CPU)
+    groups: list[str] = field(default_factory=list)  # [N] group of each sample (sampling.group_size)
+    term_rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # reward term -> [N] (several terms)
 
     @classmethod
     def stack(
@@ -70,6 +76,12 @@ class EpochBatch:
             rewards=torch.tensor([t.reward for t in batch], dtype=torch.float32, device=device),
             prompts=[t.prompt for t in batch],
             lags=torch.tensor(list(lags) if lags is not None else [0] * len(batch), dtype=torch.long),
+            groups=[t.group for t in batch],
+            term_rewards={
+                key[len(TERM_PREFIX) :]: torch.tensor([float(t.reward_info[key]) for t in batch])
+                for key in (batch[0].reward_info if batch else {})
+                if key.startswith(TERM_PREFIX)
+            },
         )
 
 
@@ -238,18 +250,55 @@ class Learner:
         self.optim = ScaledOptimizer(
             self.params, cfg, self.device, all_reduce=_all_reduce_gradients if self.world_size > 1 else None
         )
-        self.stat_tracker = PerPromptStatTracker(cfg.stat_tracking.buffer_size, cfg.stat_tracking.min_count)
+        st = cfg.stat_tracking
+        self.stat_trackers = {
+            term.name: PerPromptStatTracker(st.buffer_size, st.min_count)
+            for term in cfg.reward.resolved_terms
+        }
+        self.reference = self._reference_model()
+        self.ema = [p.detach().float().clone() for p in self.params] if cfg.training.ema_decay else None
         self.policy_version = 0
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # shuffles samples and timesteps
         self._negative_embeds = encode_prompts(self.pipe, [cfg.sampling.negative_prompt]).to(self.unet.dtype)
 
     # ---- 1. ADVANTAGES -------------------------------------------------------------------------------------------
-    def compute_advantages(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
-        """prompts [N], rewards [N] -> clipped advantages [N] float32 (updates the per-prompt buffers)."""
-        if self.cfg.stat_tracking.enabled:
-            adv = self.stat_tracker.update(prompts, rewards.cpu())
+    @property
+    def stat_tracker(self) -> PerPromptStatTracker:
+        """The per-prompt tracker of the (first) optimised reward."""
+        return next(iter(self.stat_trackers.values()))
+
+    def normalise(
+        self, term: str, prompts: Sequence[str], groups: Sequence[str] | None, rewards: torch.Tensor
+    ) -> torch.Tensor:
+        """One reward term's rewards [N] -> unclipped advantages [N], by stat_tracking.mode."""
+        st = self.cfg.stat_tracking
+        mode = st.resolved_mode
+        if mode == "group":
+            return group_advantages(groups or list(prompts), rewards.cpu(), st.global_std)[0]
+        if mode == "per_prompt":
+            return self.stat_trackers[term].update(prompts, rewards.cpu())
+        return batch_advantages(rewards.cpu())
+
+    def compute_advantages(
+        self,
+        prompts: Sequence[str],
+        rewards: torch.Tensor,
+        groups: Sequence[str] | None = None,
+        term_rewards: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """prompts [N], rewards [N] (groups [N] for mode group; term_rewards name -> [N] with several terms) ->
+        clipped advantages [N] float32 (updates the per-prompt buffers). Several terms: each normalised on its own,
+        then weighted and summed."""
+        terms = self.cfg.reward.resolved_terms
+        if len(terms) == 1:
+            adv = self.normalise(terms[0].name, prompts, groups, rewards)
         else:
-            adv = batch_advantages(rewards.cpu())
+            missing = [t.name for t in terms if t.name not in (term_rewards or {})]
+            if missing:
+                raise ValueError(
+                    f"trajectories lack the reward terms {missing} (reward_info {TERM_PREFIX}<name>)"
+                )
+            adv = sum(t.weight * self.normalise(t.name, prompts, groups, term_rewards[t.name]) for t in terms)
         return clip_advantages(adv, self.cfg.training.adv_clip_max)
 
     # ---- 2. + 3. SHUFFLE and UPDATE --------------------------------------------------------------------------------
@@ -267,7 +316,9 @@ class Learner:
                 f"batch of {len(batch)} samples is not divisible by training.batch_size={t.batch_size}"
             )
         data = EpochBatch.stack(batch, self.device, lags)
-        advantages = self.compute_advantages(data.prompts, data.rewards).to(self.device)
+        advantages = self.compute_advantages(data.prompts, data.rewards, data.groups, data.term_rewards)
+        advantages = advantages.to(self.device)
+        kls: list[float] = []
         weights = None
         if isinstance(self.objective, WeightedRegression):
             weights = self.objective.weights(data.rewards.cpu(), t).to(self.device)
@@ -308,10 +359,12 @@ class Learner:
                             step = step_perm[idx, j].to(
                                 self.device
                             )  # [b] index of the trained step per sample
-                            loss, stats = self.policy_gradient_loss(
+                            loss, stats, kl = self.policy_gradient_loss(
                                 data, rows, step, embeds, advantages[rows]
                             )
                             policy_stats.add(stats, data.lags[idx])
+                            if kl is not None:
+                                kls.append(float(kl.detach().mean()))
                         else:
                             noise_gen = self._regression_generator(inner, mb, j)
                             loss = self._regression_loss(data, rows, embeds, weights[rows], noise_gen)
@@ -321,7 +374,10 @@ class Learner:
                     bar.update(1)
                 local_micro_batches += 1
                 if local_micro_batches % local_accum == 0:
-                    grad_norms.append(self.optim.step().grad_norm)
+                    result = self.optim.step()
+                    grad_norms.append(result.grad_norm)
+                    if not result.skipped:
+                        self._update_ema()
         bar.close()
         self.unet.eval()
         self.policy_version += 1
@@ -334,6 +390,10 @@ class Learner:
             "advantage_abs_mean": float(advantages.abs().mean()),
             "skipped_steps": self.optim.skipped_steps - skipped_before,
         }
+        if kls:
+            metrics["kl_to_base"] = _mean_over_ranks(kls) if world > 1 else _mean(kls)
+        if cfg.sampling.group_size > 1:
+            metrics["zero_std_group_frac"] = group_advantages(data.groups, data.rewards.cpu())[1]
         if self.optim.loss_scaling:
             metrics["grad_scale"] = self.optim.scale
         if world > 1:
@@ -348,11 +408,12 @@ class Learner:
         step: torch.Tensor,
         embeds: torch.Tensor,
         adv: torch.Tensor,
-    ) -> tuple[torch.Tensor, LossStats]:
-        """DDPO-IS / DDPO-SF loss of one trained timestep per sample. rows, step [b]; embeds [b, L, D]; adv [b]."""
+    ) -> tuple[torch.Tensor, LossStats, torch.Tensor | None]:
+        """DDPO-IS / DDPO-SF loss of one trained timestep per sample (plus kl_coef x its KL to the base model).
+        rows, step [b]; embeds [b, L, D]; adv [b]. Returns (loss, statistics, KL [b] or None)."""
         cfg = self.cfg
         guidance = cfg.sampling.guidance_scale if cfg.training.cfg else 1.0
-        log_prob = step_log_prob(
+        log_prob, kl = step_log_prob(
             self.unet,
             self.scheduler,
             latents=data.latents[rows, step],
@@ -362,9 +423,50 @@ class Learner:
             negative_prompt_embeds=self._negative_embeds.expand_as(embeds),
             guidance_scale=guidance,
             eta=cfg.sampling.eta,
+            reference=self.reference,
         )
         old_log_prob = data.log_probs[rows, step]
-        return self.objective.loss(log_prob, old_log_prob, adv, cfg.training.clip_range)
+        loss, stats = self.objective.loss(log_prob, old_log_prob, adv, cfg.training.clip_range)
+        if kl is not None and cfg.training.kl_coef > 0:
+            loss = loss + cfg.training.kl_coef * kl.mean()
+        return loss, stats, kl
+
+    # ---- the base model (KL) and the EMA -----------------------------------------------------------------------------
+    def _reference_model(self) -> Callable[..., torch.Tensor] | None:
+        """The frozen base model's denoiser, when the KL is trained or logged: the UNet with its LoRA disabled, or,
+        under full fine-tuning, a frozen copy made before any update."""
+        cfg = self.cfg
+        if not (cfg.training.kl_coef > 0 or cfg.logging.kl_to_base):
+            return None
+        if getattr(self.unet, "peft_config", None):
+            return _AdapterDisabled(self.unet)
+        return copy.deepcopy(self.unet).requires_grad_(False).eval()
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.training.ema_decay
+        with torch.no_grad():
+            for avg, p in zip(self.ema, self.params, strict=True):
+                avg.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[bool]:
+        """Inside, the trainable weights are the EMA's (yields True), restored on exit; without an EMA, a no-op
+        (yields False)."""
+        if self.ema is None:
+            yield False
+            return
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, avg in zip(self.params, self.ema, strict=True):
+                p.copy_(avg)
+        try:
+            yield True
+        finally:
+            with torch.no_grad():
+                for p, kept in zip(self.params, saved, strict=True):
+                    p.copy_(kept)
 
     def _regression_generator(self, inner: int, micro_batch: int, j: int) -> torch.Generator:
         """RWR's (t, noise) draws depend only on (run seed, version, position), not on which rank computes them."""
@@ -430,20 +532,46 @@ class Learner:
         state = {
             "optimizer": self.optim.state_dict(),
             "stat_tracker": self.stat_tracker.state_dict(),
+            "stat_trackers": {name: tr.state_dict() for name, tr in self.stat_trackers.items()},
             "policy_version": self.policy_version,
             "generator": self.generator.get_state(),
         }
         if include_policy:
             state["policy"] = self.policy_weights()
+        if self.ema is not None:
+            state["ema"] = [avg.clone() for avg in self.ema]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if "policy" in state:
             load_policy_state_dict(self.unet, state["policy"])
         self.optim.load_state_dict(state["optimizer"])
-        self.stat_tracker.load_state_dict(state["stat_tracker"])
+        trackers = state.get("stat_trackers") or {next(iter(self.stat_trackers)): state["stat_tracker"]}
+        for name, tracker_state in trackers.items():
+            if name in self.stat_trackers:
+                self.stat_trackers[name].load_state_dict(tracker_state)
+        if self.ema is not None and "ema" in state:
+            self.ema = [avg.float().clone() for avg in state["ema"]]
         self.policy_version = int(state["policy_version"])
         self.generator.set_state(state["generator"])
+
+
+class _AdapterDisabled:
+    """The UNet with its LoRA switched off for one call: the base model, without a second copy in memory."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def __call__(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
 
 
 def _all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:

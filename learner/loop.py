@@ -35,6 +35,7 @@ from services.config import TrainConfig
 from services.keys import RunKeys
 from services.lora import save_diffusers_lora
 from services.quota import SamplingQuota
+from services.rewards import TERM_PREFIX
 from services.streams import Deduplicator, TrajectoryStream
 from services.trajectory import ScoredTrajectory
 
@@ -95,6 +96,7 @@ class EpochLoop:
         self.before_update = before_update  # e.g. send the batch to the other data-parallel ranks
         self.next_epoch = 0
         self.unacked: list[str] = []  # entry ids used since the last checkpoint
+        self.stop_reason: str | None = None
         self.resume()
         self.recorder = recorder_factory(self.next_epoch)
 
@@ -154,7 +156,8 @@ class EpochLoop:
         self.unacked += got.ack_ids
         self.next_epoch += 1
         # 5. CHECKPOINT, then ACK
-        if self.next_epoch % cfg.save_every == 0 or self.next_epoch == cfg.num_epochs:
+        self.stop_reason = getattr(self.recorder, "stop_reason", None)  # the reward-hacking guard tripped
+        if self.next_epoch % cfg.save_every == 0 or self.next_epoch == cfg.num_epochs or self.stop_reason:
             self.checkpoint(epoch)
         return row
 
@@ -170,6 +173,9 @@ class EpochLoop:
         def write_policy(directory: Path) -> None:
             if use_lora:
                 save_diffusers_lora(unet, directory / "lora")
+                with self.learner.ema_weights() as ema:
+                    if ema:
+                        save_diffusers_lora(unet, directory / "lora_ema")
             else:
                 unet.save_pretrained(directory / "unet", safe_serialization=True)
 
@@ -185,6 +191,9 @@ class EpochLoop:
             rows.append(self.run_epoch())
             if on_row is not None:
                 on_row(rows[-1])
+            if self.stop_reason:
+                logger.warning("run stopped after epoch %d: %s", self.next_epoch - 1, self.stop_reason)
+                break
         self.recorder.close()
         return rows
 
@@ -206,11 +215,17 @@ def epoch_metrics_row(
     """The metrics.jsonl row of one epoch (before evaluation keys are added)."""
     rewards = torch.tensor([t.reward for t in got.batch], dtype=torch.float64)
     used, dropped = len(got.batch), len(got.dropped)
+    terms = {  # several reward terms: each term's mean (reward_info["reward/<name>"])
+        f"{key}_mean": sum(float(t.reward_info[key]) for t in got.batch) / used
+        for key in (got.batch[0].reward_info if got.batch else {})
+        if key.startswith(TERM_PREFIX)
+    }
     return {
         "epoch": epoch,
         "policy_version": policy_version,
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std(unbiased=False)),
+        **terms,
         "samples": used,
         "samples_per_s": used / seconds if seconds > 0 else None,
         **train_metrics,
@@ -265,6 +280,7 @@ class StreamSource:
         self.dedup = Deduplicator()
         self.consumed = 0  # trajectories used or dropped so far (duplicates excluded)
         self.held: list[tuple[str, ScoredTrajectory]] = []  # read but not needed yet
+        self.partial: dict[str, list[tuple[str, ScoredTrajectory]]] = {}  # groups still missing members
         self._actor_times: dict[str, tuple[float, float]] = {}
         self._started = False
 
@@ -300,14 +316,15 @@ class StreamSource:
                 if len(got.batch) >= n:
                     self.held.append((entry_id, traj))
                     continue
-                got.ack_ids.append(entry_id)
-                if self.dedup.seen(traj.trajectory_id):
-                    continue  # a redelivered duplicate: acknowledge, never train twice
-                self.consumed += 1
-                if version - traj.policy_version > max_lag:
-                    got.dropped.append(traj.trajectory_id)
-                    continue
-                got.batch.append(traj)
+                for member_id, member in self._whole_group(entry_id, traj, got):
+                    got.ack_ids.append(member_id)
+                    if self.dedup.seen(member.trajectory_id):
+                        continue  # a redelivered duplicate: acknowledge, never train twice
+                    self.consumed += 1
+                    if version - member.policy_version > max_lag:
+                        got.dropped.append(member.trajectory_id)
+                        continue
+                    got.batch.append(member)
             self.quota.extend(version, len(got.dropped) - dropped_before)  # replacements for what was dropped
             if time.perf_counter() - last_arrival > self.cfg.cluster.lag0_starvation_s:
                 # claimed samples that never arrived (a crashed actor's batch): let the actors claim them again
@@ -319,6 +336,23 @@ class StreamSource:
                 last_arrival = time.perf_counter()
         got.wait_s = time.perf_counter() - t0
         return got
+
+    def _whole_group(
+        self, entry_id: str, traj: ScoredTrajectory, got: Collected
+    ) -> list[tuple[str, ScoredTrajectory]]:
+        """The entries of traj's group once all `sampling.group_size` of them have arrived, else [] (the group waits,
+        across epochs if need be: an epoch never holds part of a group). Group size 1: the entry itself."""
+        size = self.cfg.sampling.group_size
+        if size == 1 or not traj.group_id:
+            return [(entry_id, traj)]
+        members = self.partial.setdefault(traj.group_id, [])
+        if any(m.trajectory_id == traj.trajectory_id for _, m in members):
+            got.ack_ids.append(entry_id)  # the same sample delivered twice while its group waits
+            return []
+        members.append((entry_id, traj))
+        if len(members) < size:
+            return []
+        return self.partial.pop(traj.group_id)
 
     def ack(self, ids: list[str]) -> None:
         self.stream.ack(ids)

@@ -3,8 +3,14 @@
 
 ADVANTAGES (DDPO Sec. 5, App. B): A(x) = (r(x) - mean_p) / (std_p + 1e-6), where mean_p/std_p are over the last
 `buffer_size` rewards of the same prompt p, including the current batch. A prompt with fewer than `min_count` rewards
-falls back to the current batch's mean/std (all prompts together). Advantages are then clipped to
-[-adv_clip_max, adv_clip_max].
+falls back to the current batch's mean/std (all prompts together). `stat_tracking.mode: batch` uses the batch's
+mean/std for all; `group` (GRPO) the mean/std of the sample's group (`sampling.group_size` samples of one prompt
+draw). With several reward terms each is normalised on its own and the advantages are summed with the terms' weights
+(GDPO). Advantages are then clipped to [-adv_clip_max, adv_clip_max].
+
+KL TO THE BASE MODEL (`training.kl_coef` beta): loss += beta * KL(pi_theta(.|x_t) || pi_base(.|x_t)) per trained step,
+for two Gaussians with the same sigma_t: ||mu_theta - mu_base||^2 / (2 sigma_t^2), averaged over latent dimensions
+like the log-prob (`services.diffusion.gaussian_kl`).
 
 LOSSES (DDPO eq. 3-4): log_prob = log pi_theta(x_{t-1} | x_t, c) under the current weights, old_log_prob = the same
 under the weights that sampled the trajectory (recorded by the sampler), A = advantage of the whole trajectory. The
@@ -82,6 +88,29 @@ def batch_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Without per-prompt tracking: (r - mean) / (std + eps) over the batch. rewards [B] -> [B] float32."""
     r = rewards.double()
     return ((r - r.mean()) / (r.std(unbiased=False) + _EPS)).float()
+
+
+def group_advantages(
+    groups: Sequence[str], rewards: torch.Tensor, global_std: bool = False
+) -> tuple[torch.Tensor, float]:
+    """GRPO: (r - mean of the sample's group) / (std of the group + eps), or / (std of the whole batch + eps) with
+    `global_std` (population stds). groups [N] (group ids), rewards [N] -> (advantages [N] float32, the fraction of
+    groups whose rewards are all equal: their advantages are 0 and they teach nothing)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).cpu()
+    if len(groups) != len(r):
+        raise ValueError(f"{len(groups)} group ids but {len(r)} rewards")
+    ids = np.array(groups, dtype=object)
+    adv = torch.empty_like(r)
+    batch_std = float(r.std(unbiased=False))
+    flat = 0
+    unique = list(dict.fromkeys(groups))
+    for group in unique:
+        mask = torch.from_numpy(ids == group)
+        g = r[mask]
+        std = float(g.std(unbiased=False))
+        flat += int(bool((g == g[0]).all()))
+        adv[mask] = (g - g.mean()) / ((batch_std if global_std else std) + _EPS)
+    return adv.float(), flat / len(unique) if unique else 0.0
 
 
 def clip_advantages(advantages: torch.Tensor, adv_clip_max: float) -> torch.Tensor:

@@ -38,6 +38,8 @@ class EpochRecorder:
         if cfg.evaluation.every and not all(is_local(name) for name in eval_reward_names(cfg)):
             self.client = SyncRewardClient.from_config(cfg.reward, replicas)
         self.score_fns = score_fns_for(cfg, self.client) if cfg.evaluation.every else {}
+        self.guard_best: float | None = None
+        self.stop_reason: str | None = None  # set when the reward-hacking guard stops the run
 
     def _eval_due(self, epoch: int) -> bool:
         every = self.cfg.evaluation.every
@@ -46,9 +48,13 @@ class EpochRecorder:
     def record(self, row: dict, batch: list[ScoredTrajectory]) -> None:
         epoch = row["epoch"]
         if self._eval_due(epoch):
-            result = evaluate(self.learner.pipe, self.cfg, self.score_fns, epoch)
+            with self.learner.ema_weights() as ema:  # the EMA's weights when training.ema_decay > 0
+                result = evaluate(self.learner.pipe, self.cfg, self.score_fns, epoch)
             row.update(result.metrics())
+            if ema:
+                row["eval/uses_ema"] = 1.0
             self.artifacts.log_eval(epoch, result)
+            self._check_guard(epoch, row)
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         shown = batch[: self.cfg.logging.images_per_epoch]
         images = []
@@ -57,6 +63,34 @@ class EpochRecorder:
             images = tensor_to_pil(decode_latents(self.learner.pipe, x0))
         self.artifacts.log_epoch(row, images, [t.prompt for t in shown], [t.reward for t in shown])
         self.artifacts.write_curves()
+
+    def _check_guard(self, epoch: int, row: dict) -> None:
+        """evaluation.guard: trip when the held-out reward falls more than max_drop below its best so far."""
+        guard = self.cfg.evaluation.guard
+        if guard is None:
+            return
+        value = row.get(f"eval/{guard.reward}_mean")
+        if value is None:
+            return
+        if self.guard_best is None or value > self.guard_best:
+            self.guard_best = value
+        drop = self.guard_best - value
+        if drop <= guard.max_drop:
+            return
+        reason = (
+            f"reward-hacking guard: held-out {guard.reward} fell to {value:.4g} at epoch {epoch}, {drop:.4g} below its "
+            f"best {self.guard_best:.4g} (evaluation.guard.max_drop={guard.max_drop})"
+        )
+        row["guard_tripped"] = 1.0
+        append_jsonl(self.run_dir / "guard.jsonl", {
+            "epoch": epoch, "reward": guard.reward, "value": value, "best": self.guard_best, "drop": drop,
+            "max_drop": guard.max_drop, "action": guard.action, "reason": reason,
+        })  # fmt: skip
+        if guard.action == "stop":
+            logger.warning("%s: stopping the run (a checkpoint of this epoch is written)", reason)
+            self.stop_reason = reason
+        else:
+            logger.warning("%s (evaluation.guard.action=warn: going on)", reason)
 
     def close(self) -> None:
         self.artifacts.close()

@@ -7,7 +7,8 @@ Effective-batch arithmetic (checked in `TrainConfig._check_batch_arithmetic`):
     samples_per_epoch   = sampling.batch_size * sampling.num_batches_per_epoch
     samples_per_update  = training.batch_size * training.gradient_accumulation_steps
     updates_per_epoch   = samples_per_epoch / samples_per_update * training.num_inner_epochs
-    trained_steps_per_sample = round(sampling.num_steps * training.timestep_fraction)
+    trained_steps_per_sample = round(window steps * training.timestep_fraction)
+    (window steps = sampling.num_steps, or the length of sampling.sde_window)
 """
 
 from __future__ import annotations
@@ -71,6 +72,34 @@ class SamplingConfig(_Section):
     """Image side in pixels; None takes the UNet's sample_size x VAE scale factor."""
     negative_prompt: str = ""
     """Prompt of the unconditional branch of CFG."""
+    group_size: int = Field(1, ge=1)
+    """Images per prompt draw (GRPO's group): each prompt drawn for an epoch is sampled group_size times, the samples
+    sharing a group id; sampling.batch_size must be a multiple of it (a group is sampled in one batch, one version).
+    1 = the paper's independent prompts. Pair with stat_tracking.mode=group."""
+    sde_window: tuple[int, int] | None = None
+    """[start, end): the step indices that are stochastic (eta) and trained; the others are deterministic DDIM (eta
+    0) and neither recorded, streamed nor trained (Flow-GRPO-Fast / MixGRPO). None = all num_steps steps."""
+
+    @model_validator(mode="after")
+    def _check_groups_and_window(self) -> SamplingConfig:
+        if self.batch_size % self.group_size:
+            raise ValueError(
+                f"sampling.group_size: {self.group_size} must divide sampling.batch_size={self.batch_size} "
+                "(a group is sampled in one batch)"
+            )
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            if not 0 <= start < end <= self.num_steps:
+                raise ValueError(
+                    f"sampling.sde_window: {[start, end]} must satisfy 0 <= start < end <= sampling.num_steps="
+                    f"{self.num_steps}"
+                )
+        return self
+
+    @property
+    def window_steps(self) -> int:
+        """Recorded (stochastic, trained) steps per trajectory: the window's length."""
+        return self.num_steps if self.sde_window is None else self.sde_window[1] - self.sde_window[0]
 
 
 class TrainingConfig(_Section):
@@ -109,15 +138,34 @@ class TrainingConfig(_Section):
     temperature means the same for every reward); smaller = greedier."""
     rwr_percentile: float = Field(90.0, ge=0, lt=100)
     """RWR-sparse: train only on samples whose reward is >= this percentile of the epoch's (the paper's 90)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """beta of a KL penalty to the frozen base model (policy gradient objectives): loss += beta x KL per trained step,
+    the KL of the two Gaussian step distributions (||mu_theta - mu_ref||^2 / (2 sigma^2), averaged like the
+    log-prob). The reference is the UNet with its LoRA disabled (no second UNet in memory); full fine-tuning keeps a
+    frozen copy. 0 = off (the paper)."""
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    """Decay of an exponential moving average of the trained weights, updated after every optimizer step; the
+    held-out evaluation uses it and checkpoints export it as lora_ema/ (LoRA only). 0 = off."""
 
 
 class StatTrackingConfig(_Section):
     enabled: bool = True
-    """Normalise rewards per prompt (else over the whole epoch's batch)."""
+    """Normalise rewards per prompt (else over the whole epoch's batch); stat_tracking.mode, when set, wins."""
+    mode: Literal["per_prompt", "batch", "group"] | None = None
+    """How rewards become advantages: per_prompt (the paper's tracker: the last buffer_size rewards of the prompt),
+    batch (the epoch's mean and std), group (the sample's group of sampling.group_size: GRPO). None: per_prompt if
+    enabled else batch."""
+    global_std: bool = False
+    """mode group: divide by the epoch's std instead of the group's (groups whose rewards are all equal then give
+    advantage 0 without blowing up the others)."""
     buffer_size: int = Field(16, ge=1)
     """Rewards remembered per prompt (ring buffer)."""
     min_count: int = Field(16, ge=1)
     """Below this many rewards for a prompt, use the batch's mean/std instead."""
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("per_prompt" if self.enabled else "batch")
 
 
 class PromptConfig(_Section):
@@ -172,10 +220,23 @@ RewardName = Annotated[str, AfterValidator(_known_reward)]
 """A name of the reward registry, `services.rewards.REWARDS`."""
 
 
+class RewardTerm(_Section):
+    name: RewardName
+    """A reward of the registry (services/rewards.py)."""
+    weight: float = 1.0
+    """Its weight in the sum of the terms' advantages."""
+    mode: Literal["local", "http"] | None = None
+    """Where this term is computed; None takes reward.mode (a reward with only one implementation uses it)."""
+
+
 class RewardConfig(_Section):
     name: RewardName = "jpeg_compressibility"
     """Reward to optimise, by name in the registry (services/rewards.py): jpeg_compressibility,
-    jpeg_incompressibility, aesthetic, prompt_alignment, and any reward added there."""
+    jpeg_incompressibility, aesthetic, prompt_alignment, and any reward added there. Ignored when terms are given."""
+    terms: list[RewardTerm] = []
+    """Several rewards at once: each term is normalised into advantages separately (stat_tracking), then the
+    advantages are weighted and summed (GDPO). The trajectory's reward is the weighted sum of the raw terms; each
+    term's mean is in metrics.jsonl as reward/<name>_mean. Empty = the one term {name: reward.name, weight: 1}."""
     mode: Literal["local", "http"] = "local"
     """local: computed in the sampling process (rewards that need no model: the jpeg ones); http: through the reward
     servers."""
@@ -188,6 +249,37 @@ class RewardConfig(_Section):
     """Retries of a failed request (429, 5xx, connection errors), with exponential backoff and jitter."""
     auth_token_env: str = "DDPO_REWARD_AUTH_TOKEN"
     """Environment variable holding the reward servers' bearer token (unset: no auth)."""
+
+    @model_validator(mode="after")
+    def _check_terms(self) -> RewardConfig:
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward.terms: a reward appears twice: {names}")
+        return self
+
+    @property
+    def resolved_terms(self) -> list[RewardTerm]:
+        """The terms of the optimised reward (reward.name alone as one term of weight 1 when terms is empty)."""
+        return list(self.terms) or [RewardTerm(name=self.name, weight=1.0)]
+
+    def term_mode(self, term: RewardTerm) -> str:
+        """Where a term is computed: its own mode, else reward.mode, else the only implementation it has."""
+        reward = REWARDS[term.name]
+        mode = term.mode or self.mode
+        if mode == "local" and reward.local is None and term.mode is None:
+            return "http"
+        if mode == "http" and reward.remote is None and term.mode is None:
+            return "local"
+        return mode
+
+
+class GuardConfig(_Section):
+    reward: RewardName
+    """The held-out reward watched (the optimised one or one of evaluation.watch_rewards)."""
+    max_drop: float = Field(gt=0)
+    """Trip when the held-out mean of `reward` falls more than this below its best so far."""
+    action: Literal["stop", "warn"] = "stop"
+    """stop: write a checkpoint, log why, mark it in report.html and end the run; warn: only log and mark it."""
 
 
 class EvalConfig(_Section):
@@ -203,6 +295,8 @@ class EvalConfig(_Section):
     """DDIM eta of evaluation sampling; 0 = deterministic DDIM."""
     watch_rewards: list[RewardName] = []
     """Extra rewards scored but not optimised, to show over-optimisation (e.g. aesthetic while optimising jpeg)."""
+    guard: GuardConfig | None = None
+    """A reward-hacking guard on a held-out reward (None: off)."""
 
 
 class LoggingConfig(_Section):
@@ -212,6 +306,9 @@ class LoggingConfig(_Section):
     """Also log to this Weights & Biases project when the `wandb` package is installed."""
     images_per_epoch: int = Field(16, ge=0)
     """Samples shown in each epoch's image grid (images/epoch_NNNN.png); 0 turns grids off."""
+    kl_to_base: bool = False
+    """Log kl_to_base (the trained steps' KL to the base model) even when training.kl_coef is 0 (one more UNet
+    forward per trained step, without grad)."""
 
 
 class PerformanceConfig(_Section):
@@ -326,7 +423,7 @@ class TrainConfig(_Section):
     def trained_steps_per_sample(self) -> int:
         """Denoising steps trained per sample and inner epoch: round(sampling.num_steps x training.timestep_fraction).
         (Not diffusers' `num_train_timesteps`, the 1000 steps of the noise schedule.)"""
-        return max(1, round(self.sampling.num_steps * self.training.timestep_fraction))
+        return max(1, round(self.sampling.window_steps * self.training.timestep_fraction))
 
     @model_validator(mode="after")
     def _check_batch_arithmetic(self) -> TrainConfig:
@@ -347,28 +444,69 @@ class TrainConfig(_Section):
             )
         if self.training.objective == "ddpo_sf":
             self._check_on_policy()
-        reward = REWARDS[self.reward.name]
-        if self.reward.mode == "http" and reward.remote is None:
-            raise ValueError(f"reward.mode: reward {self.reward.name!r} runs only in process: use reward.mode=local")
-        if self.reward.mode == "local" and reward.local is None:
-            raise ValueError(
-                f"reward.mode: 'local' needs a reward computed in process ("
-                f"{', '.join(n for n, r in REWARDS.items() if r.local)}); {self.reward.name!r} needs reward.mode=http"
-            )
-        if self.cluster.in_process and self.reward.mode != "local":
-            raise ValueError(
-                "cluster.in_process: true runs no reward servers: it needs reward.mode=local and a local reward; "
-                f"reward {self.reward.name!r} with reward.mode={self.reward.mode!r} needs the distributed run "
-                "(cluster.in_process=false)"
-            )
-        if self.reward.mode == "http":
-            for kind in reward.servers:
-                server = self.reward.servers.get(kind)
-                if server is None or not (server.urls or server.spawn):
-                    raise ValueError(
-                        f"reward.servers.{kind}: reward {self.reward.name!r} over http needs urls or spawn: true"
-                    )
+        self._check_rewards()
+        self._check_extensions()
         return self
+
+    def _check_rewards(self) -> None:
+        """Every optimised term can run where it is asked to, with the servers it needs."""
+        key = "reward.terms" if self.reward.terms else "reward.mode"
+        for term in self.reward.resolved_terms:
+            reward, mode = REWARDS[term.name], self.reward.term_mode(term)
+            if mode == "http" and reward.remote is None:
+                raise ValueError(f"{key}: reward {term.name!r} runs only in process: use mode local")
+            if mode == "local" and reward.local is None:
+                raise ValueError(
+                    f"{key}: 'local' needs a reward computed in process ("
+                    f"{', '.join(n for n, r in REWARDS.items() if r.local)}); {term.name!r} needs mode http"
+                )
+            if self.cluster.in_process and mode != "local":
+                raise ValueError(
+                    "cluster.in_process: true runs no reward servers: it needs local rewards; "
+                    f"reward {term.name!r} over {mode} needs the distributed run (cluster.in_process=false)"
+                )
+            if mode == "http":
+                for kind in reward.servers:
+                    server = self.reward.servers.get(kind)
+                    if server is None or not (server.urls or server.spawn):
+                        raise ValueError(
+                            f"reward.servers.{kind}: reward {term.name!r} over http needs urls or spawn: true"
+                        )
+
+    def _check_extensions(self) -> None:
+        """Groups, the stochastic window, KL, EMA and the guard: settings that only make sense together."""
+        s, t = self.sampling, self.training
+        policy_gradient = t.objective in ("ddpo_is", "ddpo_sf")
+        if self.stat_tracking.resolved_mode == "group" and s.group_size < 2:
+            raise ValueError(
+                "stat_tracking.mode: 'group' normalises within groups of sampling.group_size samples; set "
+                f"sampling.group_size >= 2 (it is {s.group_size})"
+            )
+        if s.sde_window is not None and not policy_gradient:
+            raise ValueError(
+                f"sampling.sde_window: training.objective {t.objective!r} trains on the final samples x_0, not on "
+                "the window's steps; use ddpo_is or ddpo_sf"
+            )
+        if t.kl_coef > 0 and not policy_gradient:
+            raise ValueError(
+                f"training.kl_coef: the KL to the base model is a per-step penalty of the policy gradient objectives "
+                f"(ddpo_is, ddpo_sf), not of {t.objective!r}"
+            )
+        if policy_gradient and not t.cfg and s.guidance_scale != 1.0:
+            raise ValueError(
+                f"training.cfg: false trains without guidance, but sampling.guidance_scale={s.guidance_scale} samples "
+                "with it (the ratio would not be 1 on-policy); set sampling.guidance_scale=1 for CFG-free training"
+            )
+        guard = self.evaluation.guard
+        if guard is not None:
+            watched = [term.name for term in self.reward.resolved_terms] + list(self.evaluation.watch_rewards)
+            if not self.evaluation.every:
+                raise ValueError("evaluation.guard: needs held-out evaluation (evaluation.every > 0)")
+            if guard.reward not in watched:
+                raise ValueError(
+                    f"evaluation.guard.reward: {guard.reward!r} is not evaluated; add it to evaluation.watch_rewards "
+                    f"(evaluated: {', '.join(watched)})"
+                )
 
     def _check_on_policy(self) -> None:
         """DDPO-SF's gradient is unbiased only if every trained step sees the weights that sampled it."""

@@ -36,31 +36,15 @@ def _broadcastable(values: torch.Tensor, ndim: int, device: torch.device) -> tor
     return out.reshape(-1, *([1] * (ndim - 1))) if out.ndim else out
 
 
-def ddim_step_with_logprob(
+def ddim_step_mean_std(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: int | torch.Tensor,
     sample: torch.Tensor,
     eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t-1} and log pi(x_{t-1} | x_t).
-
-    Args:
-        scheduler: a `DDIMScheduler` after `set_timesteps`.
-        model_output: [B, C, h, w] the (guided) UNet prediction: epsilon, v or x_0 per `prediction_type`.
-        timestep: an int, a 0-d tensor, or a [B] tensor with one timestep per sample.
-        sample: [B, C, h, w] x_t.
-        eta: DDIM eta; sigma_t = eta * sqrt(variance(t, t_prev)).
-        prev_sample: [B, C, h, w] x_{t-1} to score; sampled from the policy when None.
-        generator: RNG for sampling prev_sample.
-
-    Returns:
-        prev_sample [B, C, h, w] (dtype of `sample`) and log_prob [B] float32: the Gaussian log-density of
-        prev_sample **averaged** (not summed) over all latent dimensions, as the DDPO reference implementation does.
-        Averaging rescales the policy gradient by 1/(C*h*w) uniformly, which the learning rate absorbs.
-    """
+    """The Gaussian of one DDIM step: mu_theta(x_t, t) [B, C, h, w] float32 and sigma_t (broadcastable to it, >= a
+    tiny floor). Arguments as `ddim_step_with_logprob`."""
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
     cfg = scheduler.config
@@ -105,18 +89,50 @@ def ddim_step_with_logprob(
     # 5. mean of x_{t-1} (eq. 12): sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps
     direction = (1 - a_prev - std_dev_t**2).clamp_min(0).sqrt() * eps_pred
     prev_mean = a_prev.sqrt() * x0_pred + direction
+    return prev_mean, std_dev_t
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and log pi(x_{t-1} | x_t).
+
+    Args:
+        scheduler: a `DDIMScheduler` after `set_timesteps`.
+        model_output: [B, C, h, w] the (guided) UNet prediction: epsilon, v or x_0 per `prediction_type`.
+        timestep: an int, a 0-d tensor, or a [B] tensor with one timestep per sample.
+        sample: [B, C, h, w] x_t.
+        eta: DDIM eta; sigma_t = eta * sqrt(variance(t, t_prev)). With eta 0 the step is deterministic DDIM: the
+            mean is returned and no noise is drawn (its log_prob is not a policy's and must not be trained).
+        prev_sample: [B, C, h, w] x_{t-1} to score; sampled from the policy when None.
+        generator: RNG for sampling prev_sample.
+
+    Returns:
+        prev_sample [B, C, h, w] (dtype of `sample`) and log_prob [B] float32: the Gaussian log-density of
+        prev_sample **averaged** (not summed) over all latent dimensions, as the DDPO reference implementation does.
+        Averaging rescales the policy gradient by 1/(C*h*w) uniformly, which the learning rate absorbs.
+    """
+    prev_mean, std_dev_t = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=device, dtype=torch.float32)
-        prev_sample = (prev_mean + std_dev_t * noise).to(sample.dtype)
-    # 6. log N(prev_sample; prev_mean, sigma^2), mean over all non-batch dimensions
-    x_prev = prev_sample.detach().float()
-    log_density = (
-        -((x_prev - prev_mean) ** 2) / (2 * std_dev_t**2)
-        - torch.log(std_dev_t)
-        - math.log(math.sqrt(2 * math.pi))
-    )
-    log_prob = log_density.mean(dim=tuple(range(1, ndim)))
-    return prev_sample, log_prob
+        if eta == 0:
+            prev_sample = prev_mean.to(sample.dtype)
+        else:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+            prev_sample = (prev_mean + std_dev_t * noise).to(sample.dtype)
+    return prev_sample, gaussian_log_prob(prev_sample, prev_mean, std_dev_t)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I) averaged over all non-batch dimensions, in float32. [B, ...] -> [B]."""
+    x = x.detach().float()
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return log_density.mean(dim=tuple(range(1, x.ndim)))
 
 
 def guided_noise_pred(
@@ -168,6 +184,16 @@ def decode_latents(pipeline, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def window_bounds(num_steps: int, sde_window: tuple[int, int] | list[int] | None) -> tuple[int, int]:
+    """The stochastic window [start, end) of step indices (None: all steps), checked against num_steps."""
+    if sde_window is None:
+        return 0, num_steps
+    start, end = int(sde_window[0]), int(sde_window[1])
+    if not 0 <= start < end <= num_steps:
+        raise ValueError(f"sampling.sde_window {[start, end]} must satisfy 0 <= start < end <= {num_steps}")
+    return start, end
+
+
 @torch.no_grad()
 def sample_trajectory(
     pipeline,
@@ -180,44 +206,60 @@ def sample_trajectory(
     resolution: int | None = None,
     progress: bool = False,
     latent_dtype: torch.dtype = torch.float32,
+    sde_window: tuple[int, int] | list[int] | None = None,
 ) -> Trajectory:
-    """Run the full CFG DDIM loop from noise, recording latents and log-probs of every step.
+    """Run the full CFG DDIM loop from noise, recording latents and log-probs of the stochastic steps.
 
     `pipeline` is a diffusers StableDiffusionPipeline whose scheduler is a DDIMScheduler. Each x_{t-1} is rounded
     to `latent_dtype` as it is drawn and its log-probability is that of the rounded value, so a trajectory stored
     in `latent_dtype` scores exactly the same when the learner recomputes it (float32: no rounding at all).
-    Returns a Trajectory: latents [B, T+1, C, h, w] in `latent_dtype`, log_probs [B, T] float32, timesteps [T],
-    images [B, 3, H, W], prompts.
+
+    `sde_window` = [start, end) (step indices, default all T steps): steps outside it are deterministic DDIM (eta 0),
+    steps inside use `eta`, and only the window's W = end - start steps are recorded (they are the policy's actions;
+    the deterministic ones have no log-probability to train).
+
+    Returns a Trajectory: latents [B, W+1, C, h, w] in `latent_dtype` (x before the window's first step, then after
+    each of its steps), log_probs [B, W] float32, timesteps [W], images [B, 3, H, W] of the final x_0, prompts.
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     device, dtype = unet.device, unet.dtype
     prompt_embeds = encode_prompts(pipeline, prompts).to(dtype)
     negative_embeds = encode_prompts(pipeline, [negative_prompt]).to(dtype).expand_as(prompt_embeds)
     scheduler.set_timesteps(num_steps, device=device)
+    start, end = window_bounds(len(scheduler.timesteps), sde_window)
     side = (resolution or unet.config.sample_size * pipeline.vae_scale_factor) // pipeline.vae_scale_factor
     shape = (len(prompts), unet.config.in_channels, side, side)
     latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(latent_dtype)
     latents = latents * scheduler.init_noise_sigma
-    all_latents, all_log_probs = [latents], []
+    all_latents, all_log_probs = [], []
     steps = scheduler.timesteps
-    iterator = steps
-    if progress:
-        iterator = tqdm(steps, desc="sampling", leave=False)
-    for t in iterator:
+    iterator = tqdm(steps, desc="sampling", leave=False) if progress else steps
+    for i, t in enumerate(iterator):
+        inside = start <= i < end
+        if i == start:
+            all_latents.append(latents)
         noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
         latents, log_prob = ddim_step_with_logprob(
-            scheduler, noise_pred, t, latents, eta=eta, generator=generator
+            scheduler, noise_pred, t, latents, eta=eta if inside else 0.0, generator=generator
         )
-        all_latents.append(latents)
-        all_log_probs.append(log_prob)
+        if inside:
+            all_latents.append(latents)
+            all_log_probs.append(log_prob)
     images = decode_latents(pipeline, latents)
     return Trajectory(
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(all_log_probs, dim=1),
-        timesteps=steps.detach().clone().long().cpu(),
+        timesteps=steps[start:end].detach().clone().long().cpu(),
         images=images,
         prompts=list(prompts),
     )
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) per sample, averaged over the non-batch dimensions like the
+    log-prob: mean over dims of (mean - ref_mean)^2 / (2 std^2). [B, ...] -> [B] float32."""
+    per_dim = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return per_dim.mean(dim=tuple(range(1, per_dim.ndim)))
 
 
 def step_log_prob(
@@ -230,15 +272,26 @@ def step_log_prob(
     negative_prompt_embeds: torch.Tensor,
     guidance_scale: float,
     eta: float,
-) -> torch.Tensor:
+    reference: Callable[..., torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi_theta(next_latents | latents) under the current weights (with grad): what the learner optimises.
 
-    latents, next_latents [B, C, h, w]; timesteps [B]; embeds [B, L, D]. Returns [B] float32.
+    latents, next_latents [B, C, h, w]; timesteps [B]; embeds [B, L, D]. Returns (log_prob [B] float32, kl) where,
+    if `reference` (the base model's denoiser, e.g. the UNet with its LoRA disabled) is given, kl [B] is the KL of
+    this step's Gaussian to the reference's (equal variances: ||mu_theta - mu_ref||^2 / (2 sigma^2), averaged over
+    dimensions like the log-prob; with grad through mu_theta), else None.
     """
     noise_pred = guided_noise_pred(
         unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale
     )
-    _, log_prob = ddim_step_with_logprob(
-        scheduler, noise_pred, timesteps, latents, eta=eta, prev_sample=next_latents
-    )
-    return log_prob
+    mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, eta)
+    log_prob = gaussian_log_prob(next_latents, mean, std)
+    kl = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_pred = guided_noise_pred(
+                reference, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale
+            )
+            ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, timesteps, latents, eta)
+        kl = gaussian_kl(mean, ref_mean, std)
+    return log_prob, kl

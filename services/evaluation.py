@@ -140,8 +140,8 @@ def evaluate(
 
 
 def eval_reward_names(cfg: TrainConfig) -> list[str]:
-    """The optimised reward first, then each watched reward (no duplicates)."""
-    return list(dict.fromkeys([cfg.reward.name, *cfg.evaluation.watch_rewards]))
+    """The optimised reward (each of its terms) first, then each watched reward (no duplicates)."""
+    return list(dict.fromkeys([*(t.name for t in cfg.reward.resolved_terms), *cfg.evaluation.watch_rewards]))
 
 
 def score_fns_for(cfg: TrainConfig, reward_client: SyncRewardClient | None = None) -> dict[str, ScoreFn]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
+.guard { background: #fee; border: 1px solid #c33; padding: .5em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; font-size: .85em; } td, th { border: 1px solid #ddd; padding: 2px 6px; }
 th { background: #f4f4f4; position: sticky; top: 0; } td { text-align: right; font-variant-numeric: tabular-nums; }
@@ -123,9 +125,18 @@ def write_report(run_dir: str | Path) -> Path:
         + f". Written {time.strftime('%Y-%m-%d %H:%M:%S')}."
     )
     eval_table = _table([{"epoch": e, **m} for e, m in evals.items()]) if evals else ""
+    guard_path = run_dir / "guard.jsonl"
+    guard_events = (
+        [json.loads(line) for line in guard_path.read_text().splitlines()] if guard_path.exists() else []
+    )
+    guard_html = "".join(
+        f"<p class='guard'><b>Reward-hacking guard ({html.escape(e['action'])}):</b> {html.escape(e['reason'])}</p>"
+        for e in guard_events
+    )
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{summary}</p>",
+        guard_html,
         "<h2>Reward curve</h2>",
         _curve_section(run_dir, reward_name),
         "<h2>Held-out evaluation</h2>",

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.config import RewardConfig
 from services.reward_api import SERVER_APIS
-from services.rewards import Images, Metadata, Scores, get_reward
+from services.rewards import TERM_PREFIX, Images, Metadata, RewardFn, Scores, get_reward
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +302,9 @@ class RewardClient:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         reward = get_reward(name)
         if reward.remote is None:
-            raise ValueError(f"reward {name!r} runs only in process (reward.mode=local), not through the servers")
+            raise ValueError(
+                f"reward {name!r} runs only in process (reward.mode=local), not through the servers"
+            )
         return await reward.remote(self, images, prompts, metadata)
 
 
@@ -369,29 +371,56 @@ class SyncRewardClient:
 
 
 class Scorer:
-    """The one scoring path of samplers: the run's reward of a batch, in this process (`reward.mode: local`, on a
-    worker thread) or through the reward servers (`http`). `submit` returns a future at once, so that the caller
-    keeps sampling while the batch is scored; `score` waits for it."""
+    """The one scoring path of samplers: the run's reward of a batch, each reward term in this process (mode local,
+    on a worker thread) or through the reward servers (http). `submit` returns a future at once, so that the caller
+    keeps sampling while the batch is scored; `score` waits for it.
+
+    With several terms (`reward.terms`) the score is the weighted sum of the terms' raw scores, and the info holds
+    each term's scores under "reward/<name>" (the learner normalises each term on its own) next to the terms' own
+    info."""
 
     def __init__(self, reward: RewardConfig, replicas: dict[str, list[str]] | None = None) -> None:
-        self.name = reward.name
-        spec = get_reward(reward.name)
+        self.terms = reward.resolved_terms
+        self.name = self.terms[0].name if len(self.terms) == 1 else "+".join(t.name for t in self.terms)
         self._client: SyncRewardClient | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        if reward.mode == "local":
-            if spec.local is None:
-                raise ValueError(f"reward {reward.name!r} has no local implementation; use reward.mode=http")
-            self._local = spec.local
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-reward")
-        else:
-            self._client = SyncRewardClient.from_config(reward, replicas or {})
+        self._locals: dict[str, RewardFn] = {}
+        for term in self.terms:
+            spec = get_reward(term.name)
+            if reward.term_mode(term) == "local":
+                if spec.local is None:
+                    raise ValueError(
+                        f"reward {term.name!r} has no local implementation; use reward.mode=http"
+                    )
+                self._locals[term.name] = spec.local
+            elif self._client is None:
+                self._client = SyncRewardClient.from_config(reward, replicas or {})
+        # one thread per local term, one to combine several terms
+        workers = len(self._locals) + (len(self.terms) > 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="reward")
+
+    def _submit_term(self, name: str, images: Images, prompts: Sequence[str], metadata: Metadata):
+        if name in self._locals:
+            return self._pool.submit(self._locals[name], list(images), list(prompts), list(metadata))
+        return self._client.submit(name, images, prompts, metadata)
 
     def submit(
         self, images: Images, prompts: Sequence[str], metadata: Metadata
     ) -> concurrent.futures.Future[Scores]:
-        if self._client is not None:
-            return self._client.submit(self.name, images, prompts, metadata)
-        return self._pool.submit(self._local, list(images), list(prompts), list(metadata))
+        futures = [self._submit_term(t.name, images, prompts, metadata) for t in self.terms]
+        if len(self.terms) == 1:
+            return futures[0]
+        return self._pool.submit(self._combine, futures)
+
+    def _combine(self, futures: list[concurrent.futures.Future[Scores]]) -> Scores:
+        total: list[float] | None = None
+        info: dict[str, list[Any]] = {}
+        for term, future in zip(self.terms, futures, strict=True):
+            scores, term_info = future.result()
+            info.update(term_info)
+            info[TERM_PREFIX + term.name] = [float(x) for x in scores]
+            weighted = [term.weight * float(x) for x in scores]
+            total = weighted if total is None else [a + b for a, b in zip(total, weighted, strict=True)]
+        return total or [], info
 
     def score(self, images: Images, prompts: Sequence[str], metadata: Metadata) -> Scores:
         return self.submit(images, prompts, metadata).result()
@@ -399,5 +428,4 @@ class Scorer:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=False)

@@ -34,6 +34,7 @@ from services.reward_api import (
 )
 
 Scores = tuple[list[float], dict[str, list[Any]]]
+TERM_PREFIX = "reward/"  # with several reward terms, reward_info["reward/<name>"] holds each term's raw score
 Images = Sequence[Image.Image]
 Metadata = Sequence[dict[str, Any]]
 RewardFn = Callable[[Images, Sequence[str], Metadata], Scores]

@@ -44,6 +44,9 @@ class Trajectory:
     timesteps: torch.Tensor  # [T] long, the scheduler timestep of each step
     images: torch.Tensor  # [B, 3, H, W] float in [0, 1], decoded x_0
     prompts: list[str]  # [B]
+    group_ids: list[str] = field(
+        default_factory=list
+    )  # [B] samples of one prompt draw share one (sampling.group_size)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -62,6 +65,12 @@ class ScoredTrajectory:
     actor_id: str = "local"
     trajectory_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     reward_info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample details
+    group_id: str = ""  # the prompt draw it belongs to (sampling.group_size); "" = a group of its own
+
+    @property
+    def group(self) -> str:
+        """The sample's group: its group id, or its own trajectory id when it has none."""
+        return self.group_id or self.trajectory_id
 
 
 def split_scored(
@@ -85,6 +94,7 @@ def split_scored(
                 policy_version=policy_version,
                 actor_id=actor_id,
                 reward_info={k: v[i] for k, v in reward_info.items()},
+                group_id=traj.group_ids[i] if traj.group_ids else "",
             )
         )
     return out
@@ -263,6 +273,7 @@ def encode_trajectory(t: ScoredTrajectory, latent_dtype: torch.dtype = torch.bfl
         "actor_id": t.actor_id,
         "trajectory_id": t.trajectory_id,
         "reward_info": t.reward_info,
+        "group_id": t.group_id,
     }
     return _serialize(tensors, _metadata(KIND_TRAJECTORY, meta))
 
@@ -286,6 +297,7 @@ def decode_trajectory(b: Buffer, copy: bool = True) -> ScoredTrajectory:
             actor_id=str(meta["actor_id"]),
             trajectory_id=str(meta["trajectory_id"]),
             reward_info=dict(meta["reward_info"]),
+            group_id=str(meta.get("group_id", "")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"trajectory payload lacks or mistypes a field: {e!r}") from e

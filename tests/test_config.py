@@ -39,7 +39,8 @@ def test_paper_presets_keep_reference_values():
 
 def test_set_overrides_parse_yaml_values():
     cfg = load_config("quickstart", ["training.learning_rate=1e-3", "lora.target_modules=[to_q, to_v]",
-                                     "training.cfg=false", "prompts.items=[a cow]"])  # fmt: skip
+                                     "training.cfg=false", "sampling.guidance_scale=1",
+                                     "prompts.items=[a cow]"])  # fmt: skip
     assert cfg.training.learning_rate == 1e-3
     assert cfg.lora.target_modules == ["to_q", "to_v"]
     assert cfg.training.cfg is False and cfg.prompts.items == ["a cow"]
