@@ -30,6 +30,11 @@ BENCHES: dict[str, Bench] = {
     "e2e": Bench("e2e", True, "trained samples/s of a short distributed run vs the in-process loop"),
     "latency-hiding": Bench("latency_hiding", False, "actor sampling rate with a +1 s reward server vs none"),
     "reward-server": Bench("reward_server", False, "reward-server throughput, batching on vs off"),
+    "objectives": Bench(
+        "objectives",
+        False,
+        "quickstart reward per arm (groups, KL, window, CFG-free, lag 0/1/2), 3 seeds, mean +- SE",
+    ),
     "precision": Bench(
         "precision", True, "LoRA gradient of a float16/bfloat16 base vs float32 at SD 1.5 shapes"
     ),
