@@ -59,7 +59,7 @@ class EpochRecorder:
         shown = batch[: self.cfg.logging.images_per_epoch]
         images = []
         if shown:
-            x0 = torch.stack([t.latents[-1] for t in shown]).to(self.learner.device)
+            x0 = torch.stack([t.x0 for t in shown]).to(self.learner.device)
             images = tensor_to_pil(decode_latents(self.learner.pipe, x0))
         self.artifacts.log_epoch(row, images, [t.prompt for t in shown], [t.reward for t in shown])
         self.artifacts.write_curves()

@@ -1,4 +1,4 @@
-"""`ddpo serve {jpeg,aesthetic,llava,bertscore} [flags]`: run one reward server under uvicorn.
+"""`ddpo serve {jpeg,aesthetic,llava,bertscore,pickscore,clipscore} [flags]`: run one reward server under uvicorn.
 
 Every flag is also an environment variable with the prefix DDPO_REWARD_ (`--max-batch-size 8` or
 `DDPO_REWARD_MAX_BATCH_SIZE=8`); flags win. The bearer token comes only from DDPO_REWARD_AUTH_TOKEN, so that it never
@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from reward_servers import aesthetic, bertscore, jpeg, llava
+from reward_servers import aesthetic, bertscore, clip_similarity, jpeg, llava
 from reward_servers.kit.settings import ENV_PREFIX, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,16 @@ KINDS: dict[str, ServerKind] = {
     "aesthetic": ServerKind(aesthetic.AestheticSettings, aesthetic.create_app, "LAION aesthetic predictor"),
     "llava": ServerKind(llava.LlavaSettings, llava.create_app, "LLaVA answers to questions about images"),
     "bertscore": ServerKind(bertscore.BertScoreSettings, bertscore.create_app, "BERTScore of text pairs"),
+    "pickscore": ServerKind(
+        clip_similarity.PickScoreSettings,
+        clip_similarity.create_pickscore_app,
+        "PickScore of images for their prompts (human preference)",
+    ),
+    "clipscore": ServerKind(
+        clip_similarity.ClipScoreSettings,
+        clip_similarity.create_clipscore_app,
+        "CLIPScore of images for their prompts (2.5 * max(cos, 0))",
+    ),
 }
 
 

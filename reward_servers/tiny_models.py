@@ -1,15 +1,21 @@
-"""Tiny random-weight reward models, so that the llava and aesthetic servers run offline and on a CPU.
+"""Tiny random-weight reward models, so that the llava, aesthetic, pickscore and clipscore servers run offline and on a
+CPU.
 
-Both are written with `save_pretrained` (safetensors) in the layouts the real models use, and the servers load them
-with the same code that loads `llava-hf/llava-1.5-13b-hf` and `openai/clip-vit-large-patch14`:
+All are written with `save_pretrained` (safetensors) in the layouts the real models use, and the servers load them
+with the same code that loads `llava-hf/llava-1.5-13b-hf`, `openai/clip-vit-large-patch14` and
+`yuvalkirstain/PickScore_v1`:
 
     OUT/llava/       config.json, model.safetensors, generation_config.json, processor_config.json,
                      tokenizer.json, tokenizer_config.json, chat_template.jinja
-    OUT/aesthetic/   clip/ (CLIPModel: config.json, model.safetensors, preprocessor_config.json)
+    OUT/aesthetic/   clip/ (a tiny CLIP, as below)
                      mlp.safetensors (the LAION aesthetic MLP head, input size = the tiny CLIP's projection size)
+    OUT/clipscore/   a tiny CLIP (CLIPModel: config.json, model.safetensors; CLIPProcessor: processor_config.json,
+                     tokenizer.json, tokenizer_config.json): the same weights as aesthetic/clip/, as the real
+                     CLIPScore and aesthetic servers share openai/clip-vit-large-patch14
+    OUT/pickscore/   a tiny CLIP of the same shape with other weights (PickScore is a fine-tuned CLIP)
 
-The tokenizer is byte-level (256 byte symbols, no merges) and built here, so any text tokenizes without a download.
-Weights are random but seeded: the same files every time.
+The tokenizers are built here, so any text tokenizes without a download: LLaVA's is byte-level (256 byte symbols, no
+merges), CLIP's character-level. Weights are random but seeded: the same files every time.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -131,37 +139,76 @@ def write_tiny_llava(out_dir: str | Path) -> Path:
     return out
 
 
-def write_tiny_aesthetic(out_dir: str | Path) -> Path:
-    """A tiny CLIPModel with its image processor in `clip/` and an aesthetic MLP head in `mlp.safetensors`."""
-    out = Path(out_dir)
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer: printable ASCII, each with an end-of-word variant, no merges. As in
+    CLIP, <|endoftext|> ends every text and pads; the text model pools at its first occurrence."""
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in chars:
+            vocab[ch + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny_clip(seed: int = SEED) -> tuple[CLIPModel, CLIPProcessor]:
+    """A ~100k-parameter CLIPModel (text + vision towers, projection 16) and its processor."""
+    tokenizer = build_clip_tokenizer()
     config = CLIPConfig(
         text_config={
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
-            "vocab_size": 128,
-            "max_position_embeddings": 16,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config=_tiny_clip_vision_kwargs(),
         projection_dim=16,
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     clip = CLIPModel(config).eval()
-    mlp = AestheticMLP(input_dim=config.projection_dim)
+    return clip, CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer)
+
+
+def write_tiny_clip(out_dir: str | Path, seed: int = SEED) -> Path:
+    """`build_tiny_clip(seed)` saved to out_dir: what CLIPModel / AutoTokenizer / AutoImageProcessor load."""
+    out = Path(out_dir)
+    clip, processor = build_tiny_clip(seed)
+    clip.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def write_tiny_aesthetic(out_dir: str | Path) -> Path:
+    """A tiny CLIP in `clip/` and an aesthetic MLP head in `mlp.safetensors`."""
+    out = Path(out_dir)
+    clip, processor = build_tiny_clip()
     clip.save_pretrained(out / CLIP_SUBDIR)
-    _clip_image_processor().save_pretrained(out / CLIP_SUBDIR)
+    processor.save_pretrained(out / CLIP_SUBDIR)
+    mlp = AestheticMLP(
+        input_dim=clip.config.projection_dim
+    )  # seeded too: drawn right after the CLIP's weights
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out / MLP_FILE))
     logger.info("wrote tiny aesthetic predictor to %s", out)
     return out
 
 
+def write_tiny_similarity_models(out_dir: str | Path) -> Path:
+    """OUT/clipscore (the aesthetic server's tiny CLIP) and OUT/pickscore (another seed)."""
+    out = Path(out_dir)
+    write_tiny_clip(out / "clipscore", seed=SEED)
+    write_tiny_clip(out / "pickscore", seed=SEED + 1)
+    logger.info("wrote tiny clipscore and pickscore CLIPs to %s", out)
+    return out
+
+
 def write_tiny_reward_models(out_dir: str | Path) -> Path:
-    """OUT/llava and OUT/aesthetic (what `ddpo tiny-models` adds next to OUT/sd)."""
+    """OUT/llava, OUT/aesthetic, OUT/clipscore and OUT/pickscore (what `ddpo tiny-models` adds next to OUT/sd)."""
     out = Path(out_dir)
     write_tiny_llava(out / "llava")
     write_tiny_aesthetic(out / "aesthetic")
+    write_tiny_similarity_models(out)
     return out

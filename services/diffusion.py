@@ -219,7 +219,8 @@ def sample_trajectory(
     the deterministic ones have no log-probability to train).
 
     Returns a Trajectory: latents [B, W+1, C, h, w] in `latent_dtype` (x before the window's first step, then after
-    each of its steps), log_probs [B, W] float32, timesteps [W], images [B, 3, H, W] of the final x_0, prompts.
+    each of its steps), log_probs [B, W] float32, timesteps [W], images [B, 3, H, W] of the final x_0, prompts, and
+    final_latents [B, C, h, w] = x_0 when the window ends before the last step (else x_0 is latents[:, -1]).
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
     device, dtype = unet.device, unet.dtype
@@ -252,6 +253,7 @@ def sample_trajectory(
         timesteps=steps[start:end].detach().clone().long().cpu(),
         images=images,
         prompts=list(prompts),
+        final_latents=latents if end < len(steps) else None,
     )
 
 

@@ -43,6 +43,29 @@ class JpegScoreResponse(ScoreResponse):
     jpeg_kb: list[float]
 
 
+class ImagesPromptsRequest(_Strict):
+    """Images with the prompt each was generated for (pickscore and clipscore servers): `prompts[i]` goes with
+    `images[i]`."""
+
+    images: list[Base64Image]
+    prompts: list[Text]
+
+    @model_validator(mode="after")
+    def _one_prompt_per_image(self) -> ImagesPromptsRequest:
+        if len(self.prompts) != len(self.images):
+            raise ValueError(
+                f"prompts must hold one prompt per image: got {len(self.prompts)} prompts for {len(self.images)} images"
+            )
+        return self
+
+
+class SimilarityScoreResponse(ScoreResponse):
+    """`cosine` = cosine similarity of the CLIP embeddings of `images[i]` and `prompts[i]`; `scores` = the server's
+    score of that pair computed from it (pickscore: logit_scale.exp() * cosine; clipscore: 2.5 * max(cosine, 0))."""
+
+    cosine: list[float]
+
+
 class AnswerRequest(_Strict):
     """Questions about images (llava server): `questions[i]` is the list of questions about `images[i]`."""
 
@@ -105,4 +128,6 @@ SERVER_APIS: dict[str, ServerApi] = {
     "aesthetic": ServerApi("/v1/score", ImagesRequest, ScoreResponse),
     "llava": ServerApi("/v1/answer", AnswerRequest, AnswerResponse),
     "bertscore": ServerApi("/v1/score", TextPairsRequest, BertScoreResponse),
+    "pickscore": ServerApi("/v1/score", ImagesPromptsRequest, SimilarityScoreResponse),
+    "clipscore": ServerApi("/v1/score", ImagesPromptsRequest, SimilarityScoreResponse),
 }

@@ -27,9 +27,11 @@ from services.reward_api import (
     AnswerRequest,
     AnswerResponse,
     BertScoreResponse,
+    ImagesPromptsRequest,
     ImagesRequest,
     JpegScoreResponse,
     ScoreResponse,
+    SimilarityScoreResponse,
     TextPairsRequest,
 )
 
@@ -110,6 +112,31 @@ async def remote_aesthetic(servers: RewardServers, images: Images, prompts, meta
     return scores, {"aesthetic": list(scores)}
 
 
+# ---- image-prompt similarity: PickScore and CLIPScore ----------------------------------------------------------------
+async def _remote_similarity(
+    kind: str, servers: RewardServers, images: Images, prompts: Sequence[str]
+) -> Scores:
+    """A CLIP similarity server's score of each image for its prompt; info: the score and the raw cosine."""
+    request = ImagesPromptsRequest(images=await _encoded(images, "JPEG"), prompts=list(prompts))
+    reply: SimilarityScoreResponse = await servers.call(kind, request)
+    scores = [float(s) for s in reply.scores]
+    return scores, {kind: list(scores), f"{kind}_cosine": [float(c) for c in reply.cosine]}
+
+
+async def remote_pickscore(
+    servers: RewardServers, images: Images, prompts: Sequence[str], metadata
+) -> Scores:
+    """PickScore: exp(logit_scale) * cos of the PickScore CLIP's image and prompt embeddings."""
+    return await _remote_similarity("pickscore", servers, images, prompts)
+
+
+async def remote_clipscore(
+    servers: RewardServers, images: Images, prompts: Sequence[str], metadata
+) -> Scores:
+    """CLIPScore: 2.5 * max(cos, 0) of CLIP's image and prompt embeddings (Hessel et al. 2021)."""
+    return await _remote_similarity("clipscore", servers, images, prompts)
+
+
 # ---- prompt alignment -----------------------------------------------------------------------------------------------
 async def remote_prompt_alignment(
     servers: RewardServers, images: Images, prompts: Sequence[str], metadata
@@ -144,6 +171,10 @@ REWARDS: dict[str, Reward] = {
         Reward("aesthetic", "LAION aesthetic predictor on CLIP ViT-L/14", ("aesthetic",), remote=remote_aesthetic),
         Reward("prompt_alignment", "BERTScore recall of a LLaVA description against the prompt",
                ("llava", "bertscore"), remote=remote_prompt_alignment),
+        Reward("pickscore", "PickScore (human preference) of the image for its prompt", ("pickscore",),
+               remote=remote_pickscore),
+        Reward("clipscore", "CLIPScore, 2.5 * max(cos, 0), of the image and its prompt", ("clipscore",),
+               remote=remote_clipscore),
     )
 }  # fmt: skip
 

@@ -44,9 +44,10 @@ class Trajectory:
     timesteps: torch.Tensor  # [T] long, the scheduler timestep of each step
     images: torch.Tensor  # [B, 3, H, W] float in [0, 1], decoded x_0
     prompts: list[str]  # [B]
-    group_ids: list[str] = field(
-        default_factory=list
-    )  # [B] samples of one prompt draw share one (sampling.group_size)
+    # [B] the samples of one prompt draw share a group id (sampling.group_size)
+    group_ids: list[str] = field(default_factory=list)
+    # [B, C, h, w] x_0 when the recorded window (sampling.sde_window) ends before the last step
+    final_latents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -66,6 +67,14 @@ class ScoredTrajectory:
     trajectory_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     reward_info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample details
     group_id: str = ""  # the prompt draw it belongs to (sampling.group_size); "" = a group of its own
+    final_latents: torch.Tensor | None = (
+        None  # [C, h, w] x_0 when sampling.sde_window ends before the last step
+    )
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """The final sample x_0 [C, h, w] (the image's latents)."""
+        return self.latents[-1] if self.final_latents is None else self.final_latents
 
     @property
     def group(self) -> str:
@@ -83,6 +92,7 @@ def split_scored(
     """Batch + rewards [B] + per-sample info lists -> one ScoredTrajectory per sample (tensors on the CPU)."""
     out = []
     latents, log_probs, timesteps = traj.latents.cpu(), traj.log_probs.float().cpu(), traj.timesteps.cpu()
+    final = traj.final_latents.cpu() if traj.final_latents is not None else None
     for i, prompt in enumerate(traj.prompts):
         out.append(
             ScoredTrajectory(
@@ -95,6 +105,7 @@ def split_scored(
                 actor_id=actor_id,
                 reward_info={k: v[i] for k, v in reward_info.items()},
                 group_id=traj.group_ids[i] if traj.group_ids else "",
+                final_latents=final[i].clone() if final is not None else None,
             )
         )
     return out
@@ -266,6 +277,8 @@ def encode_trajectory(t: ScoredTrajectory, latent_dtype: torch.dtype = torch.bfl
         "log_probs": t.log_probs.detach().to(torch.float32),  # [T]
         "timesteps": t.timesteps.detach().to(torch.int64),  # [T]
     }
+    if t.final_latents is not None:  # x_0 after a stochastic window that ends early
+        tensors["final_latents"] = t.final_latents.detach().to(latent_dtype)  # [C, h, w]
     meta = {
         "prompt": t.prompt,
         "reward": float(t.reward),
@@ -298,6 +311,7 @@ def decode_trajectory(b: Buffer, copy: bool = True) -> ScoredTrajectory:
             trajectory_id=str(meta["trajectory_id"]),
             reward_info=dict(meta["reward_info"]),
             group_id=str(meta.get("group_id", "")),
+            final_latents=tensors.get("final_latents"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"trajectory payload lacks or mistypes a field: {e!r}") from e
@@ -308,6 +322,7 @@ def decode_trajectory(b: Buffer, copy: bool = True) -> ScoredTrajectory:
         or timesteps.shape != (t_steps,)
         or latents.ndim != 4
         or latents.shape[0] != t_steps + 1
+        or (traj.final_latents is not None and traj.final_latents.shape != latents.shape[1:])
     ):
         raise CodecError(
             f"inconsistent trajectory shapes: latents {tuple(latents.shape)}, log_probs "

@@ -30,7 +30,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """Every tiny random model, written once per session by the code of `ddpo tiny-models`: DIR/sd, DIR/llava,
-    DIR/aesthetic. Tests read them and never write there."""
+    DIR/aesthetic, DIR/pickscore, DIR/clipscore. Tests read them and never write there."""
     from services.app.driver import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))

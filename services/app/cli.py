@@ -7,6 +7,7 @@ import logging
 import sys
 
 from bench.cli import main as bench_main
+from reward_servers.serve import KINDS as SERVER_KINDS
 from reward_servers.serve import main as serve_main
 from services.app.driver import main_from_args, write_tiny_models
 from services.app.evaluate import run_eval
@@ -31,7 +32,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_tiny_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny-models", help="write small random-weight models so every path runs offline")
-    p.add_argument("--out", required=True, help="output directory (gets sd/, llava/, aesthetic/)")
+    p.add_argument(
+        "--out", required=True, help="output directory (gets sd/, llava/, aesthetic/, pickscore/, clipscore/)"
+    )
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     _add_sample(sub)
     _add_eval(sub)
     _add_report(sub)
-    sub.add_parser("serve", help="run a reward server: ddpo serve {jpeg,aesthetic,llava,bertscore} --help")
+    kinds = ",".join(SERVER_KINDS)
+    sub.add_parser("serve", help=f"run a reward server: ddpo serve {{{kinds}}} --help")
     sub.add_parser("bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15]")
     args = parser.parse_args(argv)
     # mistakes in what the user asked for end in one line and exit status 2; anything else keeps its traceback

@@ -46,7 +46,8 @@ def prepare_models(cfg: TrainConfig) -> None:
 
 
 def write_tiny_models(out_dir: str | Path) -> Path:
-    """`ddpo tiny-models`: every tiny random model under out_dir (sd/, llava/, aesthetic/)."""
+    """`ddpo tiny-models`: every tiny random model under out_dir (sd/, llava/, aesthetic/, pickscore/,
+    clipscore/)."""
     quiet_model_loading()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
