@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ def train(out: Path, arm: str, seed: int, epochs: int) -> list[dict]:
     rows = read_rows(directory)
     if len(rows) >= epochs:
         return rows
+    if directory.exists():  # an interrupted run: start it again from scratch (same seed, same budget)
+        shutil.rmtree(directory)
     sets = [f"seed={seed}", f"num_epochs={epochs}", f"evaluation.every={epochs}", *COMMON, *ARMS[arm]]
     cmd = [
         sys.executable,
