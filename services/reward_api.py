@@ -15,8 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TEXT_CHARS = 4096
 
+# A wire image: standard base64 (RFC 4648: padded, no line breaks), optionally behind a data URL prefix. The pattern
+# is the whole rule: the servers decode exactly the strings it matches (reward_servers/kit/images.py), so a request
+# that is valid by the schema is decodable, and anything else is a 400 naming the image.
+DATA_URL_PREFIX_PATTERN = r"data:image/[A-Za-z0-9.+-]+;base64,"
+BASE64_PATTERN = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+BASE64_IMAGE_PATTERN = f"^(?:{DATA_URL_PREFIX_PATTERN})?{BASE64_PATTERN}$"
+# A 1x1 red PNG: the example /docs shows and schemathesis sends first, so that fuzzing also sees the 200 answers.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
 Base64Image = Annotated[
-    str, Field(description="base64 PNG/JPEG/WebP bytes, optionally with a data:image/...;base64, prefix")
+    str,
+    Field(
+        description="base64 PNG/JPEG/WebP bytes, optionally with a data:image/...;base64, prefix",
+        json_schema_extra={"contentEncoding": "base64", "pattern": BASE64_IMAGE_PATTERN},
+        examples=[EXAMPLE_PNG_BASE64],
+    ),
 ]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
@@ -47,6 +63,10 @@ class ImagesPromptsRequest(_Strict):
     """Images with the prompt each was generated for (pickscore and clipscore servers): `prompts[i]` goes with
     `images[i]`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"images": [EXAMPLE_PNG_BASE64], "prompts": ["a red square"]}]}
+    )
+
     images: list[Base64Image]
     prompts: list[Text]
 
@@ -69,6 +89,18 @@ class SimilarityScoreResponse(ScoreResponse):
 class AnswerRequest(_Strict):
     """Questions about images (llava server): `questions[i]` is the list of questions about `images[i]`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": [EXAMPLE_PNG_BASE64],
+                    "questions": [["What is in the image?"]],
+                    "max_new_tokens": 8,
+                }
+            ]
+        }
+    )
+
     images: list[Base64Image]
     questions: list[list[Text]]
     max_new_tokens: int = Field(64, ge=1, description="most tokens generated per answer (greedy decoding)")
@@ -90,6 +122,10 @@ class AnswerResponse(_Strict):
 
 class TextPairsRequest(_Strict):
     """Candidate/reference pairs (bertscore server): `candidates[i]` is compared with `references[i]`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"candidates": ["a red square"], "references": ["a red image"]}]}
+    )
 
     candidates: list[Text]
     references: list[Text]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import threading
@@ -11,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
 import uvicorn
 from fastapi import APIRouter
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from reward_server_utils import REPO, b64, free_port, image_bytes, noise_image, png_b64, png_with_header_size
 
@@ -29,7 +32,9 @@ from reward_servers.kit import (
     decode_image,
     decode_images,
 )
+from reward_servers.kit.images import decode_base64
 from reward_servers.serve import parse_args
+from services.reward_api import BASE64_IMAGE_PATTERN
 
 # ---------------------------------------------------------------- batcher
 
@@ -168,14 +173,45 @@ def test_decode_accepts_png_jpeg_webp_and_data_urls() -> None:
         assert decoded.mode == "RGB" and decoded.size == image.size
     decoded = decode_image("data:image/png;base64," + png_b64(image), max_pixels=10**6)
     assert decoded.tobytes() == image.tobytes()  # PNG is lossless
-    wrapped = "\n".join(png_b64(image)[i : i + 76] for i in range(0, len(png_b64(image)), 76))
-    assert decode_image(wrapped, max_pixels=10**6).tobytes() == image.tobytes()
+
+
+# A base64 string of a few bytes, behind one of several prefixes, with one character put in somewhere.
+wire_strings = st.builds(
+    lambda prefix, payload, insert, at: prefix + payload[:at] + insert + payload[at:],
+    st.sampled_from(["", "data:image/png;base64,", "data:image/svg+xml;base64,", "data:text/plain;base64,",
+                     "data:image/png,", "data:;base64,"]),
+    st.binary(max_size=10).map(lambda raw: b64(raw)),
+    st.sampled_from(["", "", "=", "==", "A", "AB", "\n", " ", "-", "_", "%", ":", "é"]),
+    st.integers(0, 20),
+)  # fmt: skip
+
+
+@hypothesis.settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck)
+)
+@hypothesis.given(
+    st.one_of(wire_strings, st.from_regex(BASE64_IMAGE_PATTERN, fullmatch=True), st.text(max_size=12))
+)
+def test_the_schema_pattern_matches_exactly_the_strings_the_servers_decode(data: str) -> None:
+    """The OpenAPI document's image pattern and the servers' decoder are two implementations of one rule: a
+    request that is valid by the schema is decodable, and a string the schema refuses is a 400."""
+    try:
+        decode_base64(data)
+        decodable = True
+    except ImageInputError:
+        decodable = False
+    assert (re.fullmatch(BASE64_IMAGE_PATTERN, data) is not None) == decodable
 
 
 @pytest.mark.parametrize(
     ("data", "status", "words"),
     [
         ("not base64!", 400, "not valid base64"),
+        (
+            "\n".join([png_b64(noise_image(1))[:76], png_b64(noise_image(1))[76:]]),
+            400,
+            "base64",
+        ),  # MIME-wrapped
         (b64(b"hello, not an image"), 400, "not a PNG, JPEG or WebP image"),
         (b64(image_bytes(noise_image(1), "GIF")), 400, "not a PNG, JPEG or WebP image"),
         (b64(image_bytes(noise_image(1), "PNG")[:60]), 400, "PNG, JPEG or WebP"),  # truncated

@@ -1,7 +1,8 @@
 """The app factory of every reward server: the model loads in the lifespan, requests go through one batcher.
 
 A server module supplies `load_model() -> run_batch` (called once, on a thread) and a router with its /v1
-endpoints; the factory adds health, readiness, metrics, auth, the body limit and short JSON errors.
+endpoints; the factory adds health, readiness, metrics, auth (declared in the OpenAPI document only when the server has
+a token), the body limit and short JSON errors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
 from pydantic import BaseModel
 
-from reward_servers.kit.auth import require_token
+from reward_servers.kit.auth import auth_route_options
 from reward_servers.kit.batcher import DeadlineExceeded, DynamicBatcher, InferenceFailed, QueueFull
 from reward_servers.kit.errors import error_response, error_responses, install_error_handlers
 from reward_servers.kit.images import ImageInputError, decode_images
@@ -38,7 +39,7 @@ RunBatch = Callable[[list[Any]], list[Any]]
 LoadModel = Callable[[], RunBatch]
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
-V1_ERRORS = error_responses(400, 401, 413, 422, 429, 500, 503, 504)
+V1_ERRORS = error_responses(400, 413, 422, 429, 500, 503, 504)  # and 401 when the server has a token
 
 
 @dataclass
@@ -231,7 +232,7 @@ def create_app(
     install_error_handlers(app)
     health = _health_router()
     app.include_router(health)
-    app.include_router(router, dependencies=[Depends(require_token)])
+    app.include_router(router, **auth_route_options(settings.auth_token))
     known_paths = [getattr(route, "path", "") for route in (*health.routes, *router.routes)]
     known_paths += [url for url in (app.openapi_url, app.docs_url, app.redoc_url) if url]
     # The last middleware added is the outermost: metrics must see the body limit's 413s.

@@ -1,19 +1,21 @@
 """Wire images -> PIL, refusing anything that should not reach a model.
 
-An image on the wire is a base64 string of PNG, JPEG or WebP bytes, optionally behind a `data:` URL prefix. Pixel
-limits (per image and per request) are checked on the headers, before any pixel is decoded, so decompression bombs
-cost nothing.
+An image on the wire is a base64 string of PNG, JPEG or WebP bytes, optionally behind a `data:` URL prefix: exactly
+the strings that the schema's `services.reward_api.BASE64_IMAGE_PATTERN` matches. Pixel limits (per image and per
+request) are checked on the headers, before any pixel is decoded, so decompression bombs cost nothing.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
+import re
 import warnings
 from collections.abc import Sequence
 
 from PIL import Image
+
+from services.reward_api import DATA_URL_PREFIX_PATTERN
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -26,30 +28,29 @@ class ImageInputError(ValueError):
         self.status_code = status_code
 
 
-def strip_data_url(data: str) -> str:
-    """'data:image/png;base64,AAAA' -> 'AAAA'; strings without the prefix pass through."""
-    if not data.startswith("data:"):
-        return data
-    header, comma, payload = data.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise ImageInputError("data URL must be of the form data:<type>;base64,<payload>")
-    return payload
+_DATA_URL_PREFIX = re.compile(DATA_URL_PREFIX_PATTERN)
 
 
-def _b64decode(payload: str) -> bytes:
+def decode_base64(data: str) -> bytes:
+    """The bytes of a wire image: strict base64 (padded, no whitespace), optionally behind a
+    `data:image/<type>;base64,` prefix. Accepts exactly the strings that the schema's BASE64_IMAGE_PATTERN matches."""
+    if data.startswith("data:"):
+        prefix = _DATA_URL_PREFIX.match(data)
+        if prefix is None:
+            raise ImageInputError("data URL must be of the form data:image/<type>;base64,<payload>")
+        data = data[prefix.end() :]
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    try:  # line-wrapped (MIME) base64 is fine too
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
+        raw = binascii.a2b_base64(data, strict_mode=True)
+    except ValueError:  # binascii.Error, or a str that is not ASCII
         raise ImageInputError("not valid base64") from None
+    if len(data) != 4 * -(-len(raw) // 3):  # strict mode still takes padding past the last group ("AAAA=")
+        raise ImageInputError("not valid base64")
+    return raw
 
 
 def open_image(data: str, *, max_pixels: int) -> Image.Image:
     """Base64 PNG/JPEG/WebP -> a PIL image whose header is read and checked, its pixels not yet decoded."""
-    raw = _b64decode(strip_data_url(data))
+    raw = decode_base64(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
