@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.credentials import redact_urls
 from services.reward_api import SERVER_APIS
 from services.rewards import REWARDS
 
@@ -226,7 +227,8 @@ class RewardTerm(_Section):
     weight: float = 1.0
     """Its weight in the sum of the terms' advantages."""
     mode: Literal["local", "http"] | None = None
-    """Where this term is computed; None takes reward.mode (a reward with only one implementation uses it)."""
+    """Where this term is computed (local: in the sampling process; http: through the reward servers); None takes
+    reward.mode. So jpeg terms can run in process next to a model reward over http."""
 
 
 class RewardConfig(_Section):
@@ -263,14 +265,8 @@ class RewardConfig(_Section):
         return list(self.terms) or [RewardTerm(name=self.name, weight=1.0)]
 
     def term_mode(self, term: RewardTerm) -> str:
-        """Where a term is computed: its own mode, else reward.mode, else the only implementation it has."""
-        reward = REWARDS[term.name]
-        mode = term.mode or self.mode
-        if mode == "local" and reward.local is None and term.mode is None:
-            return "http"
-        if mode == "http" and reward.remote is None and term.mode is None:
-            return "local"
-        return mode
+        """Where a term is computed: its own mode, else reward.mode."""
+        return term.mode or self.mode
 
 
 class GuardConfig(_Section):
@@ -612,4 +608,5 @@ def load_config(preset_or_path: str = "quickstart", overrides: list[str] | None 
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    """The config as YAML (a run's config.yaml), with the password of any URL redacted (services.credentials)."""
+    return yaml.safe_dump(redact_urls(json.loads(cfg.model_dump_json())), sort_keys=False)
