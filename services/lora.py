@@ -3,7 +3,10 @@
     save_diffusers_lora(unet, DIR)  ->  DIR/pytorch_lora_weights.safetensors
     StableDiffusionPipeline.from_pretrained(base, scheduler=DDIMScheduler...).load_lora_weights(DIR)
 
-Keys are diffusers' (`unet.<module>.lora.down.weight` / `lora.up.weight`). The LoRA scale alpha / r is folded into
+Keys are `unet.<module>.lora_A.weight` / `lora_B.weight` (peft's names under diffusers' `unet.` prefix, the format
+diffusers' own training scripts write and `load_lora_weights` reads for attention and convolution modules alike;
+converting them to the older `lora.down`/`lora.up` names renames only attention modules, and a file mixing both
+formats loses the attention LoRAs in the stock loader). The LoRA scale alpha / r is folded into
 the up (B) matrices and the file's adapter metadata says lora_alpha = r, so every loader -- diffusers with or
 without reading the metadata, and tools that assume alpha = rank when no alpha is stored -- applies exactly
 W + (alpha / r) B A. Our LoRA is a float32 peft adapter named "default" (`services.models.add_lora`); loading it back
@@ -17,7 +20,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
@@ -68,7 +70,7 @@ def save_diffusers_lora(unet: torch.nn.Module, out_dir: str | Path, adapter_name
     out.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         out,
-        unet_lora_layers=convert_state_dict_to_diffusers(folded_lora_state_dict(unet, adapter_name)),
+        unet_lora_layers=folded_lora_state_dict(unet, adapter_name),
         unet_lora_adapter_metadata=metadata,
         weight_name=WEIGHT_NAME,
         safe_serialization=True,

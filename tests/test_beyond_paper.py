@@ -270,8 +270,10 @@ def test_the_quickstart_learns(tmp_path, tiny_sd_path, overrides):
 def test_guard_stops_the_run_with_a_checkpoint_and_says_why(tmp_path, tiny_sd_path):
     from services.app.driver import run_local
 
+    tree = _quickstart_tree(tiny_sd_path)
+    tree["training"] = {**tree["training"], "ema_decay": 0.5}
     cfg = build_config({
-        **_quickstart_tree(tiny_sd_path), "num_epochs": 8, "save_every": 100,
+        **tree, "num_epochs": 8, "save_every": 100,
         "evaluation": {"every": 1, "prompts": ["a horse"], "num_per_prompt": 2,
                        "watch_rewards": ["jpeg_incompressibility"],
                        "guard": {"reward": "jpeg_incompressibility", "max_drop": 0.01, "action": "stop"}},
@@ -281,8 +283,22 @@ def test_guard_stops_the_run_with_a_checkpoint_and_says_why(tmp_path, tiny_sd_pa
     assert len(events) == 1 and events[0]["drop"] > 0.01
     stop = events[0]["epoch"]
     assert len(rows) == stop + 1 < 8  # stopped at the epoch that tripped it
-    assert (tmp_path / "checkpoints" / f"epoch_{stop:04d}").is_dir()
+    ckpt = tmp_path / "checkpoints" / f"epoch_{stop:04d}"
+    assert ckpt.is_dir()
     assert "Reward-hacking guard" in (tmp_path / "report.html").read_text()
+    assert all(r.get("eval/uses_ema") == 1.0 for r in rows)  # the held-out evaluation ran on the EMA
+    # the EMA is exported in the diffusers format next to the LoRA: the stock pipeline loads both, and they differ
+    from diffusers import StableDiffusionPipeline
+
+    outputs = {}
+    for name in ("lora", "lora_ema"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+        pipe.load_lora_weights(str(ckpt / name))
+        out = pipe(
+            ["a horse"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+        )
+        outputs[name] = out.images
+    assert not torch.allclose(outputs["lora"], outputs["lora_ema"])
 
 
 def _quickstart_tree(tiny_sd_path: str) -> dict:

@@ -92,7 +92,7 @@ def test_export_folds_alpha_and_round_trips_under_our_adapter_name(tiny_sd_path,
     with safe_open(str(lora_dir / WEIGHT_NAME), "pt") as f:
         keys = list(f.keys())
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in keys), keys[:3]
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys), keys[:3]
     assert meta["unet.r"] == RANK and meta["unet.lora_alpha"] == RANK  # scale 2 lives in the up matrices
     original = policy_state_dict(trained.unet)
     folded = folded_lora_state_dict(trained.unet)
@@ -121,3 +121,25 @@ def test_full_finetuning_has_no_lora_to_export(tiny_sd_path, tmp_path):
     pipe = load_pipeline(ModelConfig(pretrained=tiny_sd_path, dtype="float32", device="cpu", use_lora=False))
     with pytest.raises(ValueError, match="no peft adapter"):
         save_diffusers_lora(pipe.unet, tmp_path / "lora")
+
+
+def test_stock_loader_takes_every_lora_module_attention_and_convolutions(tiny_sd_path, tmp_path):
+    """The quickstart's LoRA targets attention projections and convolutions: the stock loader must apply all of them
+    (a file mixing key formats once made it keep the convolutions and silently drop every attention LoRA)."""
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv1", "conv2", "conv_out"]
+    pipe = load_pipeline(ModelConfig(pretrained=tiny_sd_path, dtype="float32", device="cpu"),
+                         LoraConfig(rank=4, alpha=8, target_modules=targets), seed=0)  # fmt: skip
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    save_diffusers_lora(pipe.unet, tmp_path / "lora")
+    ours = folded_lora_state_dict(pipe.unet)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    theirs = get_peft_model_state_dict(stock.unet, adapter_name=next(iter(stock.unet.peft_config)))
+    assert set(theirs) == set(ours) and any(".attn1." in k for k in theirs)
+    for key, value in ours.items():
+        torch.testing.assert_close(theirs[key].float(), value)
