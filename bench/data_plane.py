@@ -19,7 +19,7 @@ import uuid
 import redis
 import torch
 
-from services.streams import TrajectoryStream
+from services.streams import TrajectoryStream, redis_client
 from services.trajectory import ScoredTrajectory, encode_trajectory
 
 # preset -> (T denoising steps, C, h, w) of the latents; sd15 is 512 px SD 1.5 with 50 DDIM steps
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.n or (240 if args.preset == "sd15" else 2000)
     rounds = max(1, min(args.rounds, n))
 
-    r = redis.Redis.from_url(args.redis_url, socket_timeout=30)
+    r = redis_client(args.redis_url)
     latent_dtype = DTYPES[args.latent_dtype]
     pool = make_trajectories(4, PRESETS[args.preset], DTYPES[args.source_dtype])
     payload_bytes = len(encode_trajectory(pool[0], latent_dtype))

@@ -27,14 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 import torch
 
 from bench.sd15 import DTYPES, PRESETS, build_sd15_pipeline, default_dtype, machine, resolve_device
 from services.app.driver import make_run_dir, run_distributed, run_local
 from services.config import build_config
+from services.credentials import redact_url
 from services.keys import RunKeys
 from services.models import quiet_model_loading
+from services.streams import redis_client
 from services.tiny_models import write_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
@@ -116,7 +117,7 @@ def delete_run_keys(redis_url: str, run_dir: Path) -> None:
     if redis_url == "embedded" or not meta.exists():
         return
     run_id = json.loads(meta.read_text())["run_id"]
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     keys = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
     if keys:
         r.delete(*keys)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
             "per_unit": "GPU" if device.type == "cuda" else "process",
             "torch_threads_per_process": args.threads if device.type == "cpu" else None,
             "reward": "jpeg_compressibility, local in the actors",
-            "redis": args.redis_url,
+            "redis": redact_url(args.redis_url),
             "baseline": args.baseline,
             "baseline_torch_threads": args.baseline_threads if device.type == "cpu" else None,
         },

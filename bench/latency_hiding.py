@@ -52,6 +52,7 @@ from actors.sampler import Sampler, SamplerWorker
 from bench.sd15 import machine
 from services.app.infra import free_port
 from services.config import build_config
+from services.credentials import redact_url
 from services.images import jpeg_kb
 from services.keys import RunKeys
 from services.models import quiet_model_loading
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "batches hide it, too few would show as a lower delayed rate"
             ),
             "reward": "jpeg_compressibility over HTTP (uvicorn subprocess on loopback)",
-            "redis": args.redis_url,
+            "redis": redact_url(args.redis_url),
             "run_ids": run_ids,
         },
         "machine": machine(torch.device("cpu")) | {"redis_server": r.info("server")["redis_version"]},

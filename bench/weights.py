@@ -18,11 +18,10 @@ import statistics
 import time
 import uuid
 
-import redis
 import torch
 
 from bench.data_plane import machine
-from services.streams import WeightChannel, WeightSubscriber
+from services.streams import WeightChannel, WeightSubscriber, redis_client
 
 TARGET_P50_MS = 100.0
 CROSS_ATTENTION_DIM = 768  # CLIP ViT-L/14 text states
@@ -54,7 +53,7 @@ def sd15_lora_shapes(rank: int) -> dict[str, tuple[int, int]]:
 
 def subscriber(redis_url: str, run_id: str, rank: int, last_version: int, ready, out) -> None:
     """Apply every new version into preallocated parameters; report (version, monotonic time applied)."""
-    r = redis.Redis.from_url(redis_url, socket_timeout=30)
+    r = redis_client(redis_url)
     params = {k: torch.empty(s) for k, s in sd15_lora_shapes(rank).items()}
     sub = WeightSubscriber(WeightChannel(r, run_id))
     sub.wait(timeout_s=0.01)  # subscribe before signalling ready
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     warmup = 5
 
-    r = redis.Redis.from_url(args.redis_url, socket_timeout=30)
+    r = redis_client(args.redis_url)
     run_id = f"bench-{uuid.uuid4().hex}"
     channel = WeightChannel(r, run_id)
     g = torch.Generator().manual_seed(0)

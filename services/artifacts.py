@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from services.config import TrainConfig
+from services.credentials import redact_urls
 
 if TYPE_CHECKING:
     from services.evaluation import EvalResult
@@ -348,7 +349,7 @@ class RunArtifacts:
             project=project,
             name=self.run_dir.name,
             dir=str(self.run_dir),
-            config=json.loads(self.cfg.model_dump_json()),
+            config=redact_urls(json.loads(self.cfg.model_dump_json())),
             id=run_id,
             resume="allow",
         )

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import redis
 import torch
 
+from services.credentials import redis_url_with_password
 from services.keys import RunKeys
 from services.trajectory import (
     ScoredTrajectory,
@@ -56,8 +57,11 @@ class WeightIntegrityError(RuntimeError):
 
 
 def redis_client(url: str) -> redis.Redis:
-    """A binary-safe client (payloads are bytes) with health checks, for redis:// and unix:// URLs."""
-    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, health_check_interval=30)
+    """A binary-safe client (payloads are bytes) with health checks, for redis://, rediss:// (TLS) and unix:// URLs;
+    a URL without a password takes DDPO_REDIS_PASSWORD's (`services.credentials`)."""
+    return redis.Redis.from_url(
+        redis_url_with_password(url), decode_responses=False, socket_timeout=30, health_check_interval=30
+    )
 
 
 def _as_str(x: bytes | str) -> str:

@@ -14,9 +14,9 @@ after `docker-compose config` has rendered it with a local env file. The mapping
   ports, the two hosts' addresses), so every `${VAR}` takes its local value exactly as compose gives it on a host.
 - Published ports: a service publishing `host_ip:P -> T` listens on P itself, since the services of one host share
   its namespace where each container had its own: T is replaced by P in its command, environment and healthcheck.
-  A container's 0.0.0.0 stays 0.0.0.0 (every interface of its test host), and Redis gets `--protected-mode no`,
-  which the official image compiles in. Services with `network_mode: host` (Ray) take their ports from compose
-  variables already.
+  A container's 0.0.0.0 stays 0.0.0.0 (every interface of its test host); Redis requires its password, which also
+  turns off its protected mode (the official image compiles that off anyway). Services with `network_mode: host`
+  (Ray) take their ports from compose variables already.
 - Volumes: `source:target` becomes a directory under the test's tmp dir; paths under `target` point there. The
   image's working directory /app is the repository (the image holds a copy of it), and the image's `ENV` lines from
   deploy/Dockerfile are part of every ddpo process's environment.
@@ -395,8 +395,6 @@ def local_service(
         return value
 
     argv = [local(a) for a in spec["command"]]
-    if is_redis:
-        argv += ["--protected-mode", "no"]  # the official image's build default
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DDPO_"))}
     if not is_redis:
         env.update({k: local(v) for k, v in dockerfile_env().items()})

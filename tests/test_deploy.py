@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -93,13 +94,31 @@ def test_compose_rejects_a_broken_file(tmp_path):
     assert result.returncode != 0 and "shm_sise" in result.stderr
 
 
-def test_redis_keeps_every_entry(example_config):
+def redis_server_args(command: list[str]) -> list[str]:
+    """The redis-server arguments of the redis service's `sh -c` script (its `exec redis-server ...` line)."""
+    assert command[:2] == ["sh", "-c"], command
+    script = command[2].replace("\\\n", " ")
+    [line] = [ln for ln in script.splitlines() if ln.startswith("exec redis-server ")]
+    return shlex.split(line.split("<<", 1)[0])[2:]
+
+
+def test_redis_keeps_every_entry_and_requires_the_password(example_config, tmp_path):
     redis = example_config["services"]["redis"]
     assert redis["image"].startswith("redis:7.")
-    args = redis["command"]
+    args = redis_server_args(redis["command"])
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     assert [v["target"] for v in redis["volumes"] if v["type"] == "volume"] == ["/data"]
+    # The password comes from the environment (.env) on stdin: on no command line, in no rendered value.
+    assert "requirepass $$DDPO_REDIS_PASSWORD" in redis["command"][2].splitlines()
+    assert args[0] == "-" and "--requirepass" not in args
+    assert redis["environment"] == {"DDPO_REDIS_PASSWORD": None}
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    # Without the password Redis does not start, and says why (the script exits before redis-server).
+    script = redis["command"][2].replace("$$", "$")
+    result = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode != 0 and "DDPO_REDIS_PASSWORD is not set" in result.stderr
 
 
 def test_gpu_services_reserve_nvidia_gpus(example_config):
@@ -192,7 +211,7 @@ def test_env_example_documents_every_variable_and_holds_no_secret(example_config
     secret = re.compile(r"TOKEN|SECRET|PASSWORD")
     for key, value in set_vars.items():
         assert not secret.search(key) or not value, f"{key} has a value in .env.example"
-    assert {"HF_TOKEN", "DDPO_REWARD_AUTH_TOKEN", "RAY_AUTH_TOKEN"} <= commented
+    assert {"HF_TOKEN", "DDPO_REWARD_AUTH_TOKEN", "RAY_AUTH_TOKEN", "DDPO_REDIS_PASSWORD"} <= commented
     # ...nor in the compose file: secrets are only passed through from .env.
     bare = compose_config(empty, profiles=["rewards"])
     for name, spec in bare["services"].items():
@@ -259,7 +278,16 @@ def test_kubernetes_reward_servers_match_compose(example_config):
     for name in [*REWARD_SERVICES, "redis"]:
         c = containers[name]
         assert c["image"] == compose[name]["image"], name
-        assert c["command"] == compose[name]["command"], name
+        assert c["command"] == [a.replace("$$", "$") for a in compose[name]["command"]], (
+            name
+        )  # $$: compose's $
+    redis_env = {e["name"]: e for e in containers["redis"]["env"]}
+    assert redis_env["DDPO_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ddpo-secrets",
+        "key": "redis-password",
+    }
+    [_, _, probe] = containers["redis"]["readinessProbe"]["exec"]["command"]
+    assert probe == compose["redis"]["healthcheck"]["test"][1].replace("$$", "$")
     for name in REWARD_SERVICES:
         c = containers[name]
         env = {e["name"]: e.get("value") for e in c["env"]}
@@ -290,6 +318,14 @@ def test_rayjob_runs_the_training_entrypoint_on_the_ddpo_image(example_config):
     images = {c["image"] for pod in pods for c in pod["spec"]["containers"]}
     assert images == {example_config["services"]["ray-head"]["image"]}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # as the compose head
+    # Ray token authentication (KubeRay >= 1.5.1, the version the README documents), as RAY_AUTH_MODE=token in compose
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert "1.5.1" in README.read_text().split("### Kubernetes (KubeRay)", 1)[1].split("###", 1)[0]
+    # Every Ray pod (drivers, actors, learners) gets the Redis password from the Secret, not from the entrypoint.
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["DDPO_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+    assert "password" not in spec["entrypoint"].lower()
     sd_model = example_config["services"]["ray-head"]["environment"]["DDPO_SD_MODEL"]
     assert f"--set model.pretrained={sd_model}" in " ".join(spec["entrypoint"].split())  # as deploy/submit.sh
     assert all(
@@ -490,6 +526,7 @@ def local_cluster(request, tmp_path_factory, tiny_models):
                 "RAY_DASHBOARD_PORT": str(free_port()),
                 "RAY_AUTH_TOKEN": uuid.uuid4().hex,
                 "DDPO_REWARD_AUTH_TOKEN": token,
+                "DDPO_REDIS_PASSWORD": uuid.uuid4().hex,
             }
             head_env = shared | {
                 "COMPOSE_PROFILES": "rewards",  # every reward server
@@ -548,6 +585,12 @@ def test_every_service_starts_locally_and_passes_its_healthcheck(local_cluster):
     llava = services["reward-llava"]
     probe = llava.check_health(env={"DDPO_REWARD_PORT": str(free_port())})
     assert probe.returncode != 0
+    # Redis answers only with the password: its healthcheck fails without it, and a client without it is refused.
+    redis = services["redis"]
+    assert redis.check_health(env={"DDPO_REDIS_PASSWORD": "not-the-password"}).returncode != 0
+    port = redis_server_args(redis.argv)[redis_server_args(redis.argv).index("--port") + 1]
+    ping = redis.run(["redis-cli", "-h", hosts.head_ip, "-p", port, "ping"], timeout_s=30)
+    assert "NOAUTH" in ping.stdout + ping.stderr, ping
 
 
 @pytest.mark.slow
@@ -683,6 +726,16 @@ def test_training_job_submitted_to_the_ray_head_succeeds(local_cluster):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     # The deployment's settings reached the job: Redis, reward URLs and the diffusion model from .env.
     assert config["cluster"]["redis_url"] == head.env["DDPO_REDIS_URL"]
+    # ...and the Redis password (from the Ray nodes' environment) is nowhere: not in what `ray job submit` printed,
+    # the job's record (entrypoint, runtime env) or log, nor any file of the run directory.
+    password = head.env["DDPO_REDIS_PASSWORD"]
+    with in_netns(head.netns):
+        job = client.get_job_info(submission_id)
+        shown = result.stdout + result.stderr + client.get_job_logs(submission_id) + repr(job)
+    shown += "".join(
+        p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size < 2**20
+    )
+    assert password not in shown
     assert config["reward"]["servers"]["llava"]["urls"] == yaml.safe_load(head.env["DDPO_LLAVA_URLS"])
     assert config["model"]["pretrained"] == head.env["DDPO_SD_MODEL"]
     # The head offers no CPUs (--num-cpus=0): the actors ran on the worker host, across the link.

