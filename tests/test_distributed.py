@@ -299,6 +299,9 @@ def test_resume_continues_the_run(tiny_sd_path, tmp_path, redis_keys_cleanup):
     # lag 1 with one actor: the quota lets it sample only what the learner uses in time, so nothing is stale
     assert all(r["dropped_stale"] == 0 and r["policy_lag_max"] <= 1 for r in rows)
     assert any("clipfrac_lag1" in r for r in rows) and all(0 <= r["actor_idle_frac"] <= 1 for r in rows[1:])
+    # the accounting spans both calls: the first run's stream is gone, its produced and unused ids are kept
+    ids = check_ledger(run_dir, 4)
+    assert len(ids["produced"]) >= 4 * cfg.samples_per_epoch
 
 
 @pytest.mark.timeout(600)
