@@ -75,6 +75,18 @@ def save_checkpoint(
     return final
 
 
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all); returns the deleted paths."""
+    if keep_last <= 0:
+        return []
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(p for p in root.glob("epoch_*") if (p / "state.json").exists())
+    doomed = found[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     found = sorted(p for p in root.glob("epoch_*") if (p / "state.json").exists())

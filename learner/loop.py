@@ -29,7 +29,7 @@ from typing import Protocol
 import redis
 import torch
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from learner.learner import Learner
 from services.config import TrainConfig
 from services.keys import RunKeys
@@ -50,6 +50,8 @@ class Collected:
     ack_ids: list[str] = field(default_factory=list)  # source entries to acknowledge once checkpointed
     dropped: list[str] = field(default_factory=list)  # trajectory_ids dropped as older than max_policy_lag
     wait_s: float = 0.0  # seconds spent waiting for trajectories
+    forged_trajectories: int = 0  # entries dropped because their MAC did not verify (services.signing)
+    forged_weights: int = 0  # weight publications the actors refused as forged since the last collect
 
 
 class TrajectorySource(Protocol):
@@ -180,6 +182,7 @@ class EpochLoop:
                 unet.save_pretrained(directory / "unet", safe_serialization=True)
 
         path = save_checkpoint(self.run_dir, epoch, state, write_extra=write_policy)
+        prune_checkpoints(self.run_dir, self.cfg.save_keep_last)
         self.source.ack(self.unacked)
         self.unacked = []
         return path
@@ -233,6 +236,8 @@ def epoch_metrics_row(
         "policy_lag_max": max(lags, default=0),
         "dropped_stale": dropped,
         "dropped_stale_frac": dropped / (used + dropped) if used + dropped else 0.0,
+        "forged_trajectories": got.forged_trajectories,
+        "forged_weights": got.forged_weights,
         "epoch_s": seconds,
         "time": time.time(),
     }
@@ -264,6 +269,8 @@ def append_jsonl(path: Path, row: dict) -> None:
 #
 # `collect` reads until it has n fresh trajectories: its own pending entries first (after a restart), duplicates
 # acknowledged and skipped (delivery is at-least-once), trajectories older than `max_policy_lag` versions dropped.
+# Forged entries (MAC not verifying under the run secret) never reach it: the stream acknowledges them into its
+# dead-letter stream, and they count neither as consumed nor against the quota (actors never claimed them).
 # Dropped and lost samples are replaced by raising the sampling quota (`services.quota`).
 CONSUMER = "learner-0"  # a fixed name: after a restart the learner gets its own pending entries back first
 
@@ -283,14 +290,20 @@ class StreamSource:
         self.partial: dict[str, list[tuple[str, ScoredTrajectory]]] = {}  # groups still missing members
         self._actor_times: dict[str, tuple[float, float]] = {}
         self._started = False
+        self.forged_weights_seen = 0  # the actors' weights:forged counter at the last collect
 
     # ---- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"dedup": self.dedup.to_list(), "consumed": self.consumed}
+        return {
+            "dedup": self.dedup.to_list(),
+            "consumed": self.consumed,
+            "forged_weights_seen": self.forged_weights_seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.dedup = Deduplicator.from_list(state.get("dedup", []))
         self.consumed = int(state.get("consumed", 0))
+        self.forged_weights_seen = int(state.get("forged_weights_seen", 0))
 
     # ---- quota ----------------------------------------------------------------------------------------------------
     def open_version(self, version: int) -> None:
@@ -304,6 +317,7 @@ class StreamSource:
     def collect(self, n: int, version: int) -> Collected:
         max_lag = self.cfg.cluster.max_policy_lag
         got = Collected(batch=[])
+        forged_before = self.stream.forged
         t0 = last_arrival = time.perf_counter()
         while len(got.batch) < n:
             entries, self.held = self.held, []
@@ -335,6 +349,10 @@ class StreamSource:
                 )  # fmt: skip
                 last_arrival = time.perf_counter()
         got.wait_s = time.perf_counter() - t0
+        got.forged_trajectories = self.stream.forged - forged_before
+        forged_weights = int(self._r.get(RunKeys(self.run_id).weights_forged) or 0)
+        got.forged_weights = max(0, forged_weights - self.forged_weights_seen)
+        self.forged_weights_seen = forged_weights
         return got
 
     def _whole_group(

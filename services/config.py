@@ -367,6 +367,9 @@ class ClusterConfig(_Section):
     lag0_starvation_s: float = Field(60.0, gt=0)
     """If no trajectory arrives for this long while the learner waits, it re-opens the missing part of the current
     version's sampling quota (a crashed actor's claimed batch will never come). Applies at every max_policy_lag."""
+    keep_redis_keys: bool = False
+    """Keep the run's Redis keys (stream, weights, quota, ledgers) when it finishes; by default a finished run deletes
+    them (a later --resume republishes the weights and starts a new stream, so nothing is needed from them)."""
     actor_max_restarts: int = Field(-1, ge=-1)
     """Ray restarts of a crashed actor (-1: unlimited)."""
 
@@ -380,6 +383,8 @@ class TrainConfig(_Section):
     """Learner epochs (one policy update round per epoch)."""
     save_every: int = Field(1, ge=1)
     """Checkpoint every N epochs (and after the last)."""
+    save_keep_last: int = Field(0, ge=0)
+    """Keep only the newest N checkpoints (older ones are deleted after each new one is complete); 0 keeps all."""
     model: ModelConfig = ModelConfig()
     """The diffusion pipeline."""
     lora: LoraConfig = LoraConfig()

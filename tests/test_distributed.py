@@ -170,7 +170,7 @@ def kill9(actor_id: str, killed: dict[str, int]) -> Callable[[dict[str, int]], N
 
 @pytest.mark.timeout(600)
 def test_killed_sampling_actor_is_restarted_and_nothing_is_lost(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    cfg = dist_config(tiny_sd_path)
+    cfg = dist_config(tiny_sd_path, cluster={"keep_redis_keys": True})  # the restarted actor's pid is read after
     killed: dict[str, int] = {}
     action = kill9("sampler-0", killed)
     run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=action)
@@ -180,7 +180,8 @@ def test_killed_sampling_actor_is_restarted_and_nothing_is_lost(tiny_sd_path, tm
 
 @pytest.mark.timeout(600)
 def test_killed_learner_resumes_from_its_checkpoint(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    cfg = dist_config(tiny_sd_path)
+    # keep the Redis keys: the restarted learner's pid is read after; keep the 2 newest checkpoints
+    cfg = dist_config(tiny_sd_path, cluster={"keep_redis_keys": True}, save_keep_last=2)
     killed: dict[str, int] = {}
     # after 3 rows: epochs 0-1 are checkpointed, epoch 2 is not: it is replayed from the un-acknowledged entries
     action = kill9("learner-0", killed)
@@ -188,6 +189,7 @@ def test_killed_learner_resumes_from_its_checkpoint(tiny_sd_path, tmp_path, redi
     check_ledger(run_dir, cfg.num_epochs)
     assert current_pids(run_dir)["learner-0"] != killed["pid"], "the learner was not restarted"
     assert (run_dir / "checkpoints" / "epoch_0005" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*")) == ["epoch_0003", "epoch_0005"]
 
 
 class JpegServer:
@@ -302,6 +304,9 @@ def test_resume_continues_the_run(tiny_sd_path, tmp_path, redis_keys_cleanup):
     # the accounting spans both calls: the first run's stream is gone, its produced and unused ids are kept
     ids = check_ledger(run_dir, 4)
     assert len(ids["produced"]) >= 4 * cfg.samples_per_epoch
+    # a finished run leaves none of its keys in the (shared) Redis
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"ddpo:{run_id}:*"))
 
 
 @pytest.mark.timeout(600)

@@ -266,6 +266,10 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
             for actor in [learner, *ranks, *samplers]:
                 ray.kill(actor, no_restart=True)
             _write_id_ledgers(TrajectoryStream(r, run_id, record_produced=True), run_dir, finished=completed)
+            if completed and not c.keep_redis_keys:  # nothing of a finished run stays in a shared Redis
+                doomed = list(r.scan_iter(match=keys.pattern, count=1000))
+                if doomed:
+                    r.delete(*doomed)
     return read_metrics(metrics_path)
 
 

@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
         yield
         return
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    temp_dir = None
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -95,12 +97,14 @@ def ray_cluster(cfg: TrainConfig) -> Iterator[None]:
             include_dashboard=False,
             runtime_env=env,
             log_to_driver=True,
-            _temp_dir=tempfile.mkdtemp(prefix="ray-ddpo-"),
+            _temp_dir=(temp_dir := tempfile.mkdtemp(prefix="ray-ddpo-")),
         )
     try:
         yield
     finally:
         ray.shutdown()
+        if temp_dir is not None:  # this run's local Ray: its sockets, logs and session files go with it
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def resolve_model_ref(model: str) -> str:
