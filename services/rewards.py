@@ -64,7 +64,8 @@ class Reward:
     about: str
     servers: tuple[str, ...] = ()  # reward-server kinds `remote` calls
     remote: RemoteFn | None = None  # over HTTP (reward.mode: http); None = only in process
-    local: RewardFn | None = None  # in the sampling process (reward.mode: local); None = only through the servers
+    # in the sampling process (reward.mode: local); None = only through the servers
+    local: RewardFn | None = None
 
 
 async def _encoded(images: Images, fmt: str) -> list[str]:
