@@ -26,6 +26,7 @@ ARMS: dict[str, list[str]] = {
     "baseline": [],  # DDPO-IS, the per-prompt tracker, synchronous (max_policy_lag 0)
     "groups4": ["sampling.group_size=4", "stat_tracking.mode=group"],
     "kl": ["training.kl_coef=1.0"],
+    "kl_small": ["training.kl_coef=0.01"],
     "window3": ["sampling.sde_window=[2,5]"],
     "cfgfree": ["sampling.guidance_scale=1", "training.cfg=false"],
     "lag1": ["cluster.max_policy_lag=1"],
