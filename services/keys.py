@@ -1,12 +1,13 @@
 """Every Redis key of one run, in one place: `ddpo:{run_id}:...`.
 
 trajectories          stream of encoded ScoredTrajectory payloads (consumer group "learner")
-trajectories:dead     dead-letter stream of entries that failed to decode
+trajectories:dead     dead-letter stream of entries that failed to decode or whose MAC did not verify
 produced              list of every trajectory_id ever added (the ledger's "produced")
-weights               hash {version, sha256, blob, seq} of the newest policy weights
+weights               hash {version, sha256, blob, seq, rollback, mac} of the newest policy weights
 weights:version       the newest version (cheap GET)
 weights:seq           publications so far (a resumed learner's rollback has a lower version, a higher seq)
 weights:notify        pub/sub channel announcing each publication
+weights:forged        publications the actors refused as forged (each actor adds one per forgery it saw)
 quota:claimed         samples the actors have claimed (services.quota)
 quota:limit:V         the claim limit of actors holding policy version V
 stop                  set when the run is over: actors leave their loops
@@ -59,6 +60,10 @@ class RunKeys:
     @property
     def weights_notify(self) -> str:
         return self.prefix + "weights:notify"
+
+    @property
+    def weights_forged(self) -> str:
+        return self.prefix + "weights:forged"
 
     @property
     def quota_claimed(self) -> str:

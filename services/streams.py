@@ -1,13 +1,17 @@
 """Redis data plane: the trajectory stream (actors -> learner) and the weight channel (learner -> actors).
 
 Keys: `services.keys.RunKeys` (trajectories, trajectories:dead, produced, weights, weights:version, weights:seq,
-weights:notify). Clients must be binary-safe (``decode_responses=False``): payloads are bytes. The stream's entries
-are XDEL'ed when acknowledged, so XLEN = undelivered + delivered-but-unacked; the backlog that producers respect
-is the undelivered part.
+weights:notify, weights:forged). Clients must be binary-safe (``decode_responses=False``): payloads are bytes. The
+stream's entries are XDEL'ed when acknowledged, so XLEN = undelivered + delivered-but-unacked; the backlog that
+producers respect is the undelivered part.
 
 Delivery is at-least-once: a consumer first re-reads its own pending entries (after a crash), then claims entries
 that other (dead) consumers left idle for ``min_idle_ms``, then reads new ones. The learner de-duplicates with
 ``Deduplicator``. Producers refuse to add beyond ``max_backlog``; unread data is never trimmed.
+
+Signing (`services.signing`): with a ``RunSigner``, each stream entry carries a ``mac`` field next to its payload and
+the consumer drops entries whose MAC does not verify (``TrajectoryStream.forged`` counts them); each weight version
+carries a ``mac`` and ``WeightSubscriber`` refuses versions whose MAC does not verify (counted in weights:forged).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from services.credentials import redis_url_with_password
 from services.keys import RunKeys
+from services.signing import RunSigner
 from services.trajectory import (
     ScoredTrajectory,
     decode_tensors,
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_FIELD = b"payload"
 TRAJECTORY_ID_FIELD = b"trajectory_id"
+MAC_FIELD = b"mac"  # HMAC of trajectory_id and payload under the run secret (services.signing), when signing
 
 _PIPELINE_BYTES = 1 << 20
 T = TypeVar("T")
@@ -54,6 +60,15 @@ class Backpressure(RuntimeError):
 
 class WeightIntegrityError(RuntimeError):
     """A fetched weight blob does not match its recorded sha256 (or its recorded version)."""
+
+
+class ForgedWeightsError(WeightIntegrityError):
+    """A weight publication whose signature does not verify under the run secret (or whose blob does not match its
+    signed sha256): not the learner's. ``publication`` identifies it (raw seq, version and mac fields)."""
+
+    def __init__(self, message: str, publication: tuple) -> None:
+        super().__init__(message)
+        self.publication = publication
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -100,6 +115,7 @@ class TrajectoryStream:
         latent_dtype: torch.dtype = torch.bfloat16,
         dead_letter_maxlen: int = 1000,
         record_produced: bool = False,
+        signer: RunSigner | None = None,
     ) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog must be >= 1, got {max_backlog}")
@@ -116,6 +132,9 @@ class TrajectoryStream:
         self.dead_letter_maxlen = dead_letter_maxlen
         # the ledger of every trajectory_id ever added, written atomically with its XADD (for audits and tests)
         self.produced_key = keys.produced if record_produced else None
+        # producers sign each entry, the consumer drops entries whose MAC does not verify (None: signing off)
+        self.signer = signer
+        self.forged = 0  # entries dropped as forged by this consumer so far
         # consumer -> id of the last own-pending entry re-read after a restart (dropped once drained)
         self._own_cursor: dict[str, bytes] = {}
         self._own_drained: set[str] = set()
@@ -192,7 +211,10 @@ class TrajectoryStream:
         queued = 0
         for i, t in enumerate(trajs):
             payload = encode_trajectory(t, self.latent_dtype)
-            pipe.xadd(self.key, {PAYLOAD_FIELD: payload, TRAJECTORY_ID_FIELD: t.trajectory_id.encode()})
+            fields = {PAYLOAD_FIELD: payload, TRAJECTORY_ID_FIELD: t.trajectory_id.encode()}
+            if self.signer is not None:
+                fields[MAC_FIELD] = self.signer.trajectory_mac(fields[TRAJECTORY_ID_FIELD], payload)
+            pipe.xadd(self.key, fields)
             if self.produced_key is not None:
                 pipe.rpush(self.produced_key, t.trajectory_id)
             queued += len(payload)
@@ -204,11 +226,22 @@ class TrajectoryStream:
         return ids
 
     def remaining_ids(self) -> list[str]:
-        """trajectory_ids of the entries still in the stream (never acknowledged), oldest first."""
+        """trajectory_ids of the entries still in the stream (never acknowledged), oldest first; forged entries
+        are not among them (they were never produced)."""
         ids = []
         for _, fields in self._r.xrange(self.key):
-            ids.append(_as_str(fields[TRAJECTORY_ID_FIELD]))
+            if self._genuine(fields):
+                ids.append(_as_str(fields[TRAJECTORY_ID_FIELD]))
         return ids
+
+    def _genuine(self, fields: dict[bytes, bytes]) -> bool:
+        """The entry's MAC verifies (always true with signing off)."""
+        if self.signer is None:
+            return True
+        payload, trajectory_id = fields.get(PAYLOAD_FIELD), fields.get(TRAJECTORY_ID_FIELD)
+        if payload is None or trajectory_id is None:
+            return False
+        return self.signer.verify_trajectory(trajectory_id, payload, fields.get(MAC_FIELD))
 
     def delete(self) -> None:
         """Remove the stream, its group and the dead-letter stream (the end of a run)."""
@@ -224,7 +257,8 @@ class TrajectoryStream:
     def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Entry]:
         """Up to ``count`` trajectories for ``consumer``: its own pending ones first (once, after a restart),
         then entries reclaimed from consumers idle longer than ``min_idle_ms``, then new entries (waiting up to
-        ``block_ms`` only when nothing else is available). Undecodable entries go to the dead-letter stream.
+        ``block_ms`` only when nothing else is available). Undecodable entries and, with a signer, forged ones (MAC
+        missing or wrong; counted in ``forged``) go to the dead-letter stream: acknowledged, never returned.
         """
         raw: list[_RawEntry] = []
         if consumer not in self._own_drained:
@@ -307,15 +341,22 @@ class TrajectoryStream:
             if not fields:  # deleted while pending (already acked elsewhere): drop it from the PEL
                 self.ack([entry_id])
                 continue
+            if not self._genuine(fields):  # checked before decoding: a forger's bytes are never parsed
+                self.forged += 1
+                error = ForgedEntryError("its MAC does not verify under the run secret")
+                self._dead_letter(entry_id, fields, error, what="forged")
+                continue
             try:
                 out.append((_as_str(entry_id), decode_trajectory(fields[PAYLOAD_FIELD], copy=False)))
             except Exception as e:  # a bad entry must not crash the learner
                 self._dead_letter(entry_id, fields, e)
         return out
 
-    def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], error: Exception) -> None:
+    def _dead_letter(
+        self, entry_id: bytes, fields: dict[bytes, bytes], error: Exception, what: str = "undecodable"
+    ) -> None:
         logger.warning(
-            "moving undecodable entry %s of %s to %s: %s", entry_id, self.key, self.dead_letter_key, error
+            "moving %s entry %s of %s to %s: %s", what, entry_id, self.key, self.dead_letter_key, error
         )
         dead = {
             PAYLOAD_FIELD: fields.get(PAYLOAD_FIELD, b""),
@@ -327,6 +368,10 @@ class TrajectoryStream:
         pipe.xack(self.key, self.group, entry_id)
         pipe.xdel(self.key, entry_id)
         pipe.execute()
+
+
+class ForgedEntryError(ValueError):
+    """A stream entry whose MAC does not verify under the run secret (recorded as the dead letter's error)."""
 
 
 class Deduplicator:
@@ -362,9 +407,10 @@ class Deduplicator:
 
 
 class WeightChannel:
-    """Versioned LoRA weights in Redis: the blob with version and sha256, then a notification."""
+    """Versioned LoRA weights in Redis: the blob with version and sha256 (and, with a signer, the learner's MAC over
+    seq, version, rollback flag and sha256), then a notification."""
 
-    def __init__(self, redis_client: redis.Redis, run_id: str) -> None:
+    def __init__(self, redis_client: redis.Redis, run_id: str, signer: RunSigner | None = None) -> None:
         _check_binary_client(redis_client)
         self._r = redis_client
         self.run_id = run_id
@@ -375,6 +421,8 @@ class WeightChannel:
             keys.weights_seq
         )  # counts publications: a rollback has a lower version but a higher seq
         self.notify_channel = keys.weights_notify
+        self.forged_key = keys.weights_forged
+        self.signer = signer  # the learner signs what it publishes, actors verify what they fetch
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor], rollback: bool = False) -> None:
         """Store ``state_dict`` as ``version`` (>= the current one) atomically, then announce it.
@@ -390,10 +438,13 @@ class WeightChannel:
             if current is not None and version < int(current) and not rollback:
                 raise ValueError(f"cannot publish weights version {version}: version {int(current)} is newer")
             seq = int(pipe.get(self.seq_key) or 0) + 1
+            fields = {"version": str(version), "sha256": sha, "blob": blob, "seq": str(seq),
+                      "rollback": "1" if rollback else "0"}  # fmt: skip
+            if self.signer is not None:
+                fields["mac"] = self.signer.weights_mac(seq, version, rollback, sha)
             pipe.multi()
-            pipe.hset(
-                self.key, mapping={"version": str(version), "sha256": sha, "blob": blob, "seq": str(seq)}
-            )
+            pipe.delete(self.key)  # no field of an earlier publication (an old mac) survives
+            pipe.hset(self.key, mapping=fields)
             pipe.set(self.version_key, str(version))
             pipe.set(self.seq_key, str(seq))
 
@@ -413,36 +464,61 @@ class WeightChannel:
     def fetch(self, min_version: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(version, state dict) of the newest weights, or None if none (or none >= ``min_version``).
 
-        Raises ``WeightIntegrityError`` if the blob does not match its sha256 or version.
+        Raises ``WeightIntegrityError`` if the blob does not match its sha256 or version, ``ForgedWeightsError`` (a
+        subclass) if, with a signer, its signature does not verify.
         """
         if min_version is not None and self.latest_version() < min_version:
             return None  # cheap check before pulling megabytes
-        version, sha, blob = self._r.hmget(self.key, ["version", "sha256", "blob"])
-        if blob is None or version is None or sha is None:
+        got = self._read()
+        if got is None or (min_version is not None and got[1] < min_version):
             return None
-        v = int(version)
-        if min_version is not None and v < min_version:
-            return None
-        if hashlib.sha256(blob).hexdigest() != _as_str(sha):
-            raise WeightIntegrityError(
-                f"weights v{v} on {self.key}: sha256 mismatch (corrupt or partial blob)"
-            )
-        tensors, meta = decode_tensors(blob, copy=False)  # the blob is ours: no second copy
-        if meta.get("version") != v:
-            raise WeightIntegrityError(
-                f"weights on {self.key}: hash says v{v}, blob says v{meta.get('version')}"
-            )
-        return v, tensors
+        return got[1], got[2]
 
     def fetch_newer(self, seq: int) -> tuple[int, int, dict[str, torch.Tensor]] | None:
         """(seq, version, state dict) of the newest publication if its seq is > ``seq``, else None."""
         if self.latest_seq() <= seq:
             return None
-        new_seq = int(self._r.hget(self.key, "seq") or 0)
-        got = self.fetch()
-        if got is None or new_seq <= seq:
+        got = self._read()
+        if got is None or got[0] <= seq:
             return None
-        return new_seq, got[0], got[1]
+        return got
+
+    def publication(self) -> tuple:
+        """The stored publication's raw (seq, version, mac) fields: a cheap identity (no blob)."""
+        return tuple(self._r.hmget(self.key, ["seq", "version", "mac"]))
+
+    def _read(self) -> tuple[int, int, dict[str, torch.Tensor]] | None:
+        """(seq, version, state dict) of the stored publication, checked (one HMGET: the fields are consistent)."""
+        seq, version, sha, rollback, mac, blob = self._r.hmget(
+            self.key, ["seq", "version", "sha256", "rollback", "mac", "blob"]
+        )
+        if blob is None or version is None or sha is None:
+            return None
+        v, s, sha = int(version), int(seq or 0), _as_str(sha)
+        if self.signer is not None and not self.signer.verify_weights(s, v, rollback == b"1", sha, mac):
+            raise ForgedWeightsError(
+                f"weights v{v} (publication {s}) on {self.key}: the signature does not verify",
+                (seq, version, mac),
+            )
+        if hashlib.sha256(blob).hexdigest() != sha:
+            message = f"weights v{v} on {self.key}: sha256 mismatch (corrupt or partial blob)"
+            if self.signer is not None:  # the signed sha256 is the learner's: this blob is not
+                raise ForgedWeightsError(message + ", under a valid signature", (seq, version, mac))
+            raise WeightIntegrityError(message)
+        tensors, meta = decode_tensors(blob, copy=False)  # the blob is ours: no second copy
+        if meta.get("version") != v:
+            raise WeightIntegrityError(
+                f"weights on {self.key}: hash says v{v}, blob says v{meta.get('version')}"
+            )
+        return s, v, tensors
+
+    def count_forged(self) -> int:
+        """An actor refused a forged publication: add one to the run's weights:forged counter (returns it)."""
+        return int(self._r.incr(self.forged_key))
+
+    def forged_count(self) -> int:
+        """Refusals of forged publications so far, summed over the actors (each refuses each forgery once)."""
+        return int(self._r.get(self.forged_key) or 0)
 
     def _wait(
         self,
@@ -467,23 +543,42 @@ class WeightSubscriber:
     """An actor's view of the weight channel: hands out each newer publication once, for applying between batches.
 
     It follows the publication counter, so a learner that resumed from a checkpoint and republished an older
-    version still replaces weights published after that checkpoint.
+    version still replaces weights published after that checkpoint. With a signer on its channel it refuses a
+    publication whose signature does not verify: logged once, counted (``forged`` here and weights:forged in
+    Redis), and the caller keeps the weights it has.
     """
+
+    _REFUSED_KEPT = 256  # identities of refused publications remembered (so each is fetched and counted once)
 
     def __init__(self, channel: WeightChannel, version: int = -1) -> None:
         self.channel = channel
         self.version = version  # version of the newest publication handed out (= applied by the caller)
         self.seq = 0  # its publication number
+        self.forged = 0  # publications refused as forged
+        self._refused: dict[tuple, None] = {}
+        self._idle_seq = 0  # weights:seq when the last poll found nothing to hand out (wait() blocks past it)
         self._pubsub: redis.client.PubSub | None = None
 
     def poll(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(version, state dict) if something was published since the last hand-out, else None (one GET).
 
         A subscriber created with the version it already holds (e.g. restored from a checkpoint) is not handed
-        that same version again.
+        that same version again. A forged publication is refused (None) and never fetched again.
         """
-        got = self.channel.fetch_newer(self.seq)
+        latest = self.channel.latest_seq()
+        if latest <= self.seq:
+            return None
+        if self.channel.signer is not None and self.channel.publication() in self._refused:
+            self._idle_seq = latest
+            return None
+        try:
+            got = self.channel.fetch_newer(self.seq)
+        except ForgedWeightsError as err:
+            self._refuse(err)
+            self._idle_seq = latest
+            return None
         if got is None:
+            self._idle_seq = latest
             return None
         first = self.seq == 0
         self.seq, version, state = got
@@ -491,6 +586,14 @@ class WeightSubscriber:
             return None
         self.version = version
         return version, state
+
+    def _refuse(self, err: ForgedWeightsError) -> None:
+        self._refused[err.publication] = None
+        if len(self._refused) > self._REFUSED_KEPT:
+            del self._refused[next(iter(self._refused))]
+        self.forged += 1
+        self.channel.count_forged()
+        logger.warning("refusing a weights publication: %s; keeping version %d", err, self.version)
 
     def wait(self, timeout_s: float, poll_s: float = 0.5) -> tuple[int, dict[str, torch.Tensor]] | None:
         """Like ``poll`` but block up to ``timeout_s`` for a new publication (kept subscription, low latency)."""
@@ -500,9 +603,8 @@ class WeightSubscriber:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            if not self.channel._wait(
-                self._pubsub, self.version + 1, max(remaining, 0.0), poll_s, seq=self.seq
-            ):
+            seen = max(self.seq, self._idle_seq)  # past a refused (or stale) publication: wait for the next
+            if not self.channel._wait(self._pubsub, self.version + 1, max(remaining, 0.0), poll_s, seq=seen):
                 return None
             got = self.poll()
             if got is not None or deadline - time.monotonic() <= 0:
