@@ -83,6 +83,14 @@ def _as_str(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
+def _is_int(raw: bytes) -> bool:
+    try:
+        int(raw)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_binary_client(client: redis.Redis) -> None:
     kwargs = client.get_connection_kwargs() if hasattr(client, "get_connection_kwargs") else {}
     if kwargs.get("decode_responses"):
@@ -434,7 +442,7 @@ class WeightChannel:
         sha = hashlib.sha256(blob).hexdigest()
 
         def write(pipe: redis.client.Pipeline) -> None:
-            current = pipe.get(self.version_key)
+            current = self._stored_version(pipe)
             if current is not None and version < int(current) and not rollback:
                 raise ValueError(f"cannot publish weights version {version}: version {int(current)} is newer")
             seq = int(pipe.get(self.seq_key) or 0) + 1
@@ -448,9 +456,33 @@ class WeightChannel:
             pipe.set(self.version_key, str(version))
             pipe.set(self.seq_key, str(seq))
 
-        self._r.transaction(write, self.version_key, self.seq_key)
+        self._r.transaction(write, self.version_key, self.seq_key, self.key)
         self._r.publish(self.notify_channel, str(version))
         logger.debug("published weights v%d (%d bytes) on %s", version, len(blob), self.key)
+
+    def _stored_version(self, pipe: redis.client.Pipeline) -> int | None:
+        """The version a new publication must not go below: weights:version, or with a signer the stored
+        publication's version only if its signature verifies (a forger must not stop the learner publishing)."""
+        if self.signer is None:
+            current = pipe.get(self.version_key)
+            return None if current is None else int(current)
+        seq, version, sha, rollback, mac = pipe.hmget(
+            self.key, ["seq", "version", "sha256", "rollback", "mac"]
+        )
+        if version is None or sha is None:
+            return None
+        if (
+            not _is_int(version)
+            or not _is_int(seq or b"0")
+            or not self.signer.verify_weights(
+                int(seq or 0), int(version), rollback == b"1", _as_str(sha), mac
+            )
+        ):
+            logger.warning(
+                "weights on %s: the stored v%s is forged; publishing over it", self.key, _as_str(version)
+            )
+            return None
+        return int(version)
 
     def latest_version(self) -> int:
         """Newest published version, -1 if none."""
@@ -494,6 +526,11 @@ class WeightChannel:
         )
         if blob is None or version is None or sha is None:
             return None
+        if not _is_int(version) or not _is_int(seq or b"0"):
+            message = f"weights on {self.key}: seq {seq!r} or version {version!r} is no number"
+            if self.signer is not None:
+                raise ForgedWeightsError(message, (seq, version, mac))
+            raise WeightIntegrityError(message)
         v, s, sha = int(version), int(seq or 0), _as_str(sha)
         if self.signer is not None and not self.signer.verify_weights(s, v, rollback == b"1", sha, mac):
             raise ForgedWeightsError(
