@@ -33,6 +33,7 @@ from services.models import DTYPES, autocast, load_pipeline, load_policy_state_d
 from services.prompts import PromptSampler
 from services.quota import SamplingQuota
 from services.reward_client import RewardRequestError, Scorer
+from services.signing import RunSigner
 from services.streams import Backpressure, TrajectoryStream, WeightChannel, WeightSubscriber, redis_client
 from services.trajectory import ScoredTrajectory, Trajectory, split_scored
 
@@ -135,9 +136,18 @@ class SamplerWorker:
     """Produces scored trajectories into the run's stream until the run's stop flag is set."""
 
     def __init__(
-        self, cfg_json: str, run_id: str, redis_url: str, actor_id: str, replicas: dict[str, list[str]]
+        self,
+        cfg_json: str,
+        run_id: str,
+        redis_url: str,
+        actor_id: str,
+        replicas: dict[str, list[str]],
+        run_secret: str | None = None,
     ) -> None:
+        """`run_secret` (else DDPO_RUN_SECRET): the actor signs its trajectories and refuses weight versions whose
+        signature does not verify (`services.signing`); neither set: signing off."""
         self.cfg = cfg = worker_config(cfg_json)
+        signer = RunSigner.for_run(run_id, run_secret)
         self.actor_id = actor_id
         self.run_id = run_id
         self.keys = RunKeys(run_id)
@@ -149,8 +159,9 @@ class SamplerWorker:
             max_backlog=cfg.cluster.stream_max_backlog,
             latent_dtype=DTYPES[cfg.cluster.latent_dtype],
             record_produced=True,
+            signer=signer,
         )
-        self.weights = WeightSubscriber(WeightChannel(self.redis, run_id))
+        self.weights = WeightSubscriber(WeightChannel(self.redis, run_id, signer=signer))
         self.quota = SamplingQuota(
             self.redis, run_id, cfg.samples_per_epoch, cfg.sampling.batch_size, cfg.cluster.max_policy_lag
         )

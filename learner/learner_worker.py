@@ -15,6 +15,7 @@ from learner.loop import CONSUMER, EpochLoop, StreamSource
 from learner.recorder import EpochRecorder
 from services.keys import RunKeys
 from services.models import DTYPES, worker_config
+from services.signing import RunSigner
 from services.streams import TrajectoryStream, WeightChannel, redis_client
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,12 @@ class LearnerWorker:
         run_dir: str,
         replicas: dict[str, list[str]] | None = None,
         world_size: int = 1,
+        run_secret: str | None = None,
     ) -> None:
+        """`run_secret` (else DDPO_RUN_SECRET): the learner signs the weights it publishes and drops trajectories
+        whose MAC does not verify (`services.signing`); neither set: signing off."""
         self.cfg = cfg = worker_config(cfg_json)
+        signer = RunSigner.for_run(run_id, run_secret)
         self.world_size = world_size
         self.group = None
         self.replicas = replicas or {}
@@ -46,8 +51,9 @@ class LearnerWorker:
             max_backlog=cfg.cluster.stream_max_backlog,
             min_idle_ms=cfg.cluster.reclaim_idle_ms,
             latent_dtype=DTYPES[cfg.cluster.latent_dtype],
+            signer=signer,
         )
-        self.channel = WeightChannel(self.redis, run_id)
+        self.channel = WeightChannel(self.redis, run_id, signer=signer)
         self.loop: EpochLoop | None = None
         if world_size == 1:
             self.setup()

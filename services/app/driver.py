@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ from services.artifacts import read_metrics
 from services.config import ConfigError, TrainConfig, dump_config, load_config
 from services.keys import RunKeys
 from services.models import load_pipeline, quiet_model_loading
+from services.signing import RunSigner, new_run_secret, run_secret_from_env
 from services.streams import TrajectoryStream, redis_client
 from services.tiny_models import write_tiny_sd
 
@@ -150,6 +152,25 @@ def _run_id(run_dir: Path) -> str:
     return run_id
 
 
+RUN_SECRET_FILE = "run_secret"
+
+
+def _run_secret(run_dir: Path) -> str:
+    """The run secret that signs weights and trajectories (`services.signing`): DDPO_RUN_SECRET when set (a cluster
+    job shares it between driver and actors), else the one an earlier call of this run generated (run_secret in the
+    run directory, mode 0600: --resume verifies what that call signed), else a new one, written there."""
+    from_env = run_secret_from_env()
+    if from_env:
+        return from_env
+    path = run_dir / RUN_SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    secret = new_run_secret()
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secret)
+    return secret
+
+
 def _actor_options(num_cpus: float, num_gpus: float, max_restarts: int) -> dict:
     return {
         "num_cpus": num_cpus,
@@ -201,6 +222,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
     import ray  # lazily, after prepare_local_ray: Ray reads its single-machine flag at import time
 
     run_id = _run_id(run_dir)
+    secret = _run_secret(run_dir)  # handed to the actors as an argument: never in config, logs or metrics
     cfg_json = cfg.model_dump_json()
     c = cfg.cluster
     metrics_path = run_dir / "metrics.jsonl"
@@ -220,7 +242,15 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
                 name=f"learner-{run_id}",
                 **_actor_options(c.learner_num_cpus, c.learner_num_gpus, learner_restarts),
             )
-            .remote(cfg_json, run_id, redis_url, str(run_dir.resolve()), replicas, c.num_learners)
+            .remote(
+                cfg_json,
+                run_id,
+                redis_url,
+                str(run_dir.resolve()),
+                replicas,
+                c.num_learners,
+                run_secret=secret,
+            )
         )
         ranks, rank_runs = [], []
         if c.num_learners > 1:
@@ -242,7 +272,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
                 name=f"sampler-{run_id}-{i}",
                 **_actor_options(c.sampler_num_cpus, c.sampler_num_gpus, c.actor_max_restarts),
             )
-            .remote(cfg_json, run_id, redis_url, f"sampler-{i}", replicas)
+            .remote(cfg_json, run_id, redis_url, f"sampler-{i}", replicas, run_secret=secret)
             for i in range(c.num_sampler_actors)
         ]
         sampler_runs = [s.run.remote() for s in samplers]
@@ -265,7 +295,8 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
             ray.wait(rank_runs, num_returns=len(rank_runs), timeout=60)
             for actor in [learner, *ranks, *samplers]:
                 ray.kill(actor, no_restart=True)
-            _write_id_ledgers(TrajectoryStream(r, run_id, record_produced=True), run_dir, finished=completed)
+            stream = TrajectoryStream(r, run_id, record_produced=True, signer=RunSigner(secret, run_id))
+            _write_id_ledgers(stream, run_dir, finished=completed)
             if completed and not c.keep_redis_keys:  # nothing of a finished run stays in a shared Redis
                 doomed = list(r.scan_iter(match=keys.pattern, count=1000))
                 if doomed:
