@@ -9,7 +9,8 @@ import sys
 import pytest
 
 METRIC_KEYS = {"epoch", "policy_version", "reward_mean", "reward_std", "samples", "samples_per_s", "approx_kl",
-               "clipfrac", "loss", "policy_lag_mean", "dropped_stale"}  # fmt: skip
+               "clipfrac", "loss", "policy_lag_mean", "dropped_stale", "forged_trajectories",
+               "forged_weights"}  # fmt: skip
 
 
 def ddpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -41,6 +42,11 @@ def test_train_writes_the_run_directory(quickstart_run):
     assert [r["epoch"] for r in rows] == epochs
     assert [r["policy_version"] for r in rows] == [e + 1 for e in epochs]
     assert all(set(r) >= METRIC_KEYS for r in rows)
+    assert all(r["forged_trajectories"] == 0 and r["forged_weights"] == 0 for r in rows)  # only genuine data
+    # the run secret the driver generated signs everything, and appears in no file the run writes for people
+    secret = (run / "run_secret").read_text().strip()
+    texts = [p for p in run.rglob("*") if p.suffix in {".yaml", ".json", ".jsonl", ".txt", ".log", ".html"}]
+    assert texts and all(secret not in p.read_text(errors="replace") for p in texts)
     saved = [e for e in epochs if (e + 1) % preset.save_every == 0 or e + 1 == preset.num_epochs]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"epoch_{e:04d}" for e in saved]
 
