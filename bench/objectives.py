@@ -22,6 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 ARMS: dict[str, list[str]] = {
     "baseline": [],  # DDPO-IS, the per-prompt tracker, synchronous (max_policy_lag 0)
     "groups4": ["sampling.group_size=4", "stat_tracking.mode=group"],
@@ -109,12 +112,8 @@ def compare(arm: dict, base: dict, key: str) -> dict:
 
 
 def plot(out: Path, curves: dict[str, list[list[tuple[int, float]]]]) -> Path:
-    import matplotlib  # lazy: plotting is optional for the study itself
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
     for arm, runs in curves.items():
         n = min(len(c) for c in runs)
         xs = [sum(c[i][0] for c in runs) / len(runs) for i in range(n)]
@@ -126,8 +125,7 @@ def plot(out: Path, curves: dict[str, list[list[tuple[int, float]]]]) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     path = out / "objectives.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    FigureCanvasAgg(fig).print_figure(str(path), dpi=110, bbox_inches="tight")
     return path
 
 

@@ -101,7 +101,7 @@ def lora_gradient(
     adv = torch.ones(1, device=learner.device)
     for step in TRAINED_STEPS:
         step_t = torch.tensor([step], device=learner.device)
-        loss, _ = learner.policy_gradient_loss(data, rows, step_t, embeds, adv)
+        loss, _, _ = learner.policy_gradient_loss(data, rows, step_t, embeds, adv)
         learner.optim.backward(loss * share / divisor)
     return torch.cat([g.reshape(-1).cpu() for g in learner.optim.unscaled_gradients()])
 

@@ -4,6 +4,7 @@ in for (recorded); everything else is the recorder's own code path."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import types
@@ -92,7 +93,9 @@ def _run(tmp_path, cfg, epochs: int = 3, resume_epoch: int | None = None, rows=N
     run = make_run_dir(
         cfg, str(tmp_path / "run")
     )  # config.yaml, images/, checkpoints/ as `ddpo train` makes them
-    learner = types.SimpleNamespace(pipe=None, device=torch.device("cpu"))
+    learner = types.SimpleNamespace(
+        pipe=None, device=torch.device("cpu"), ema_weights=lambda: contextlib.nullcontext(False)
+    )
     recorder = EpochRecorder(cfg, run, learner, {}, resume_epoch=resume_epoch)
     for epoch in range(resume_epoch or 0, epochs):
         recorder.record(rows[epoch] if rows else _row(epoch), _batch(epoch))
