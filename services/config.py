@@ -14,6 +14,7 @@ Effective-batch arithmetic (checked in `TrainConfig._check_batch_arithmetic`):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -567,13 +568,21 @@ def resolve_preset(preset_or_path: str) -> Path:
     return candidate
 
 
+_NAMES_ITS_KEY = re.compile(
+    r"^[a-z_]+(\.[a-z_0-9]+)+: "
+)  # our validators' messages start with the dotted key
+
+
 def _format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each starting with the dotted key; a single problem fits on one line."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {loc}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        lines.append(msg if _NAMES_ITS_KEY.match(msg) else f"{loc}: {msg}")
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
+    return "invalid config:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 RENAMED_KEYS = {
@@ -590,7 +599,7 @@ def _refuse_renamed(tree: dict[str, Any]) -> None:
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
-            raise ConfigError(f"invalid config:\n  {dotted}: not a config key: {advice}")
+            raise ConfigError(f"invalid config: {dotted}: not a config key: {advice}")
 
 
 def build_config(tree: dict[str, Any]) -> TrainConfig:
