@@ -295,3 +295,18 @@ def test_family_presets_keep_the_literatures_settings():
     for preset in ("quickstart-sdxl", "quickstart-sd3"):
         cfg = load_config(preset)
         assert cfg.model.write_tiny_if_missing and cfg.model.device == "cpu"
+
+
+def test_bench_family_presets_have_the_real_architectures_parameter_counts():
+    """`ddpo bench sampler|learner --preset sdxl|sd3` build these; counted on the meta device (nothing allocated).
+    Published sizes: SDXL base UNet 2.6 B, CLIP-L text 123 M, OpenCLIP bigG text 695 M; SD 3.5 Medium MMDiT-X 2.2 B
+    (2.5 B with its text-embedding layers), T5-XXL encoder 4.8 B."""
+    from bench.families import parameter_counts
+    from bench.learner import parse_args as learner_args
+    from bench.sampler import parse_args as sampler_args
+
+    sdxl, sd3 = parameter_counts("sdxl"), parameter_counts("sd3")
+    assert round(sdxl["unet"] / 1e6) == 2567 and round(sdxl["text_encoder_2"] / 1e6) == 695
+    assert round(sd3["transformer"] / 1e6) == 2243 and round(sd3["text_encoder_3 (not built)"] / 1e6) == 4762
+    assert learner_args(["--preset", "sdxl"]).micro_batch == 1
+    assert sampler_args(["--preset", "sd3"]).batch == 4
