@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -310,3 +314,25 @@ def test_bench_family_presets_have_the_real_architectures_parameter_counts():
     assert round(sd3["transformer"] / 1e6) == 2243 and round(sd3["text_encoder_3 (not built)"] / 1e6) == 4762
     assert learner_args(["--preset", "sdxl"]).micro_batch == 1
     assert sampler_args(["--preset", "sd3"]).batch == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_family_quickstart_learns_within_ten_minutes(tmp_path, family):
+    """`ddpo train --config quickstart-<family>` as a user runs it (a subprocess in a fresh directory: local Ray,
+    embedded Redis, tiny models written on first use): the quickstart's reward-rise check, in <= 10 minutes."""
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "services.app.cli", "train", "--config", f"quickstart-{family}",
+                          "--run-dir", str(run)], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=840)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = np.mean([r["reward_mean"] for r in rows[:3]])
+    last = np.mean([r["reward_mean"] for r in rows[-3:]])
+    first_std = np.mean([r["reward_std"] for r in rows[:3]])
+    assert last - first >= 2 * first_std, (first, last, first_std)
+    assert seconds <= 600, seconds
+    assert (run / "checkpoints" / f"epoch_{len(rows) - 1:04d}" / "lora" / WEIGHT_NAME).exists()
