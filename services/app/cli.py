@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_report(sub)
     kinds = ",".join(SERVER_KINDS)
     sub.add_parser("serve", help=f"run a reward server: ddpo serve {{{kinds}}} --help")
-    sub.add_parser("bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15|sdxl|sd3]")
+    sub.add_parser(
+        "bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15|sdxl|sd3]"
+    )
     args = parser.parse_args(argv)
     # mistakes in what the user asked for end in one line and exit status 2; anything else keeps its traceback
     user_errors = (ConfigError,) if args.command == "train" else (ConfigError, FileNotFoundError)
