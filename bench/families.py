@@ -124,10 +124,16 @@ def parameter_counts(preset: str) -> dict[str, int]:
 
 
 def build_family_pipeline(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The preset's stock diffusers pipeline with random weights, created on `device` in `dtype`."""
+    """The preset's stock diffusers pipeline with random weights, created on `device` directly in `dtype` (no float32
+    copy first: SDXL's parts are 13 GB in float32)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        parts = {name: part.to(dtype) for name, part in _parts(preset).items()}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            parts = {name: part.to(dtype) for name, part in _parts(preset).items()}
+    finally:
+        torch.set_default_dtype(default)
     if preset == "sdxl":
         return StableDiffusionXLPipeline(
             **parts,
