@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from services.config import TrainConfig
-from services.diffusion import sample_trajectory
+from services.diffusion import policy_for, sample_trajectory
 from services.images import tensor_to_pil
 from services.keys import RunKeys
 from services.models import DTYPES, autocast, load_pipeline, load_policy_state_dict, worker_config
@@ -62,15 +62,16 @@ class Sampler:
             if pipeline is not None
             else load_pipeline(cfg.model, cfg.lora, seed=cfg.seed, perf=cfg.performance)
         )
+        self.denoiser = policy_for(self.pipe).denoiser  # the UNet or transformer that the LoRA adapts
         seed = actor_seed(cfg.seed, actor_id)
         self.prompt_sampler = PromptSampler(cfg.prompts, seed)
-        self.generator = torch.Generator(device=self.pipe.unet.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.denoiser.device).manual_seed(seed)
         self._scorer = scorer
         self.policy_version = 0
 
     def load_policy(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         """Apply a new LoRA version (call between batches, never during one)."""
-        load_policy_state_dict(self.pipe.unet, weights)
+        load_policy_state_dict(self.denoiser, weights)
         self.policy_version = version
 
     def sample(
@@ -88,7 +89,7 @@ class Sampler:
             prompts = [p for p in draws for _ in range(k)]
             if k > 1:
                 group_ids = [gid for gid in (uuid.uuid4().hex for _ in draws) for _ in range(k)]
-        with autocast(self.cfg.performance, self.pipe.unet.device):
+        with autocast(self.cfg.performance, self.denoiser.device):
             traj = sample_trajectory(
                 self.pipe,
                 prompts,

@@ -1,4 +1,4 @@
-"""`ddpo bench NAME [--preset tiny|sd15] [flags...]`: run one benchmark, which prints one JSON line.
+"""`ddpo bench NAME [--preset tiny|sd15|sdxl|sd3] [flags...]`: run one benchmark, which prints one JSON line.
 
     from bench.cli import run_bench
     run_bench("sampler", ["--preset", "tiny"])     # returns the benchmark's result (a dict, or None)
@@ -39,7 +39,7 @@ BENCHES: dict[str, Bench] = {
         "precision", True, "LoRA gradient of a float16/bfloat16 base vs float32 at SD 1.5 shapes"
     ),
 }
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "sdxl", "sd3")
 
 
 def _without_preset(argv: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Learner throughput: trained samples/s of `Learner.train_epoch` (every timestep of every sample), fast vs eager.
 
-    python -m bench.learner [--preset tiny|sd15] [--samples N] [--micro-batch b] [--rounds R] [--fast default|none|k=v,...]
+    python -m bench.learner [--preset tiny|sd15|sdxl|sd3] [--samples N] [--micro-batch b] [--rounds R] [--fast default|none|k=v,...]
 
 Prints one JSON line. Both learners run the real `learner.learner.Learner.train_epoch` (DDPO-IS, CFG log-probs
 recomputed at every one of the T timesteps, LoRA on the UNet, AdamW) on the same synthetic epoch: N trajectories of
@@ -21,6 +21,7 @@ import json
 
 import torch
 
+from bench.families import parameter_counts
 from bench.sd15 import (
     PRESETS,
     PROMPTS,
@@ -70,12 +71,14 @@ def make_learner(
     return Learner(cfg, pipeline=pipeline_with_lora(args.preset, cfg, fast))
 
 
-def synthetic_epoch(n: int, num_steps: int, side: int, timesteps: torch.Tensor) -> list[ScoredTrajectory]:
-    """n trajectories of SD-shaped latents [T+1, 4, side, side] with plausible recorded log-probs [T]."""
+def synthetic_epoch(
+    n: int, num_steps: int, side: int, timesteps: torch.Tensor, channels: int = 4
+) -> list[ScoredTrajectory]:
+    """n trajectories of latents [T+1, channels, side, side] with plausible recorded log-probs [T]."""
     g = torch.Generator().manual_seed(0)
     return [
         ScoredTrajectory(
-            latents=torch.randn(num_steps + 1, 4, side, side, generator=g),  # [T+1, C, h, w]
+            latents=torch.randn(num_steps + 1, channels, side, side, generator=g),  # [T+1, C, h, w]
             log_probs=torch.full((num_steps,), -1.0),  # [T] float32 (values do not change the cost)
             timesteps=timesteps.clone(),  # [T]
             prompt=PROMPTS[i % len(PROMPTS)],
@@ -97,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs per learner first (compile)")
     args = p.parse_args(argv)
     args.samples = args.samples or PRESETS[args.preset].batch_size
-    args.micro_batch = args.micro_batch or (4 if args.preset == "tiny" else 2)
+    args.micro_batch = args.micro_batch or {"tiny": 4, "sd15": 2}.get(args.preset, 1)  # sdxl/sd3: batch 1
     return args
 
 
@@ -113,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
         flags["fast"] = tf32_flags()  # apply_fast_paths may have allowed TF32 process-wide
     eager = learners["eager"]
     side = args.resolution // eager.pipe.vae_scale_factor
-    batch = synthetic_epoch(args.samples, args.steps, side, eager.scheduler.timesteps.cpu())
+    timesteps = eager.scheduler.timesteps.cpu().to(eager.policy.timestep_dtype)
+    channels = eager.unet.config.in_channels
+    batch = synthetic_epoch(args.samples, args.steps, side, timesteps, channels)
 
     loops = {name: (lambda learner=learner: learner.train_epoch(batch)) for name, learner in learners.items()}
     seconds = alternating_rounds(loops, flags, device, rounds=args.rounds, warmup=args.warmup)
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": None,
         "round_seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
     }
+    if args.preset in ("sdxl", "sd3"):
+        result["parameters"] = parameter_counts(args.preset)
+    if device.type == "cuda":  # both learners' models and the peak of their training passes
+        result["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if fast is not None:
         result["fast_samples_per_s"] = round(rate["fast"], 4)
         result["ratio"] = median_ratio(seconds, "fast", "eager")

@@ -1,13 +1,14 @@
 """Sampler throughput: the recording sampling loop vs a bare CFG UNet loop, and the fast path vs eager.
 
-    python -m bench.sampler [--preset tiny|sd15] [--batch B] [--steps T] [--rounds R] [--fast default|none|k=v,...]
+    python -m bench.sampler [--preset tiny|sd15|sdxl|sd3] [--batch B] [--steps T] [--rounds R] [--fast default|none|k=v,...]
 
 Prints one JSON line. Four loops, each timed on whole batches (prompts in, images out):
 - recording: `actors.sampler.Sampler.sample` -- what an actor runs: `services.diffusion.sample_trajectory`, CFG
   DDIM with eta, the exact log-prob of every step (`ddim_step_with_logprob`), all T+1 latents kept, images decoded.
-- bare: the same batch, prompts, text encoding, T CFG UNet forwards (`guided_noise_pred`), T steps of diffusers'
-  own `DDIMScheduler.step` (same eta) and VAE decode, recording nothing: a plain diffusers sampler.
-- unet_only: the T CFG UNet forwards alone (no scheduler math, no text encoder, no VAE): the UNet's ceiling.
+- bare: the same batch, prompts, text encoding, T CFG denoiser forwards (the policy's `denoiser_output`), T steps
+  of diffusers' own scheduler step (DDIM with the same eta; for sd3 the flow scheduler's Euler step) and VAE
+  decode, recording nothing: a plain diffusers sampler.
+- unet_only: the T CFG denoiser forwards alone (no scheduler math, no text encoder, no VAE): the model's ceiling.
 - fast: `recording` on its own copy of the pipeline with a fast path (`performance.*` switches and a weight
   dtype; default on a GPU: bf16 weights + bf16 autocast + torch.compile + channels-last).
 
@@ -43,7 +44,7 @@ from bench.sd15 import (
     workload_config,
 )
 from services.config import TrainConfig
-from services.diffusion import decode_latents, encode_prompts, guided_noise_pred
+from services.diffusion import decode_latents, policy_for
 
 
 def make_config(
@@ -64,31 +65,34 @@ def make_sampler(
 
 @torch.no_grad()
 def bare_loop(sampler: Sampler, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
-    """T CFG forwards + diffusers' DDIMScheduler.step + decode; nothing recorded. Returns images [B, 3, H, W]."""
+    """T CFG forwards + diffusers' scheduler step + decode; nothing recorded. Returns images [B, 3, H, W]."""
     pipe, s = sampler.pipe, sampler.cfg.sampling
-    unet, scheduler = pipe.unet, pipe.scheduler
-    embeds = encode_prompts(pipe, prompts).to(unet.dtype)  # [B, L, D]
-    negative = encode_prompts(pipe, [s.negative_prompt]).to(unet.dtype).expand_as(embeds)
+    policy = policy_for(pipe)
+    unet, scheduler = policy.denoiser, pipe.scheduler
+    embeds = policy.encode_prompts(prompts).to(unet.dtype)  # [B, L, D] (+ pooled)
+    negative = policy.encode_negative(s.negative_prompt).to(unet.dtype).expand_as(embeds)
     scheduler.set_timesteps(s.num_steps, device=unet.device)
     side = s.resolution // pipe.vae_scale_factor
     latents = torch.randn(
         (len(prompts), unet.config.in_channels, side, side), generator=generator, device=unet.device
     ).to(unet.dtype)  # [B, C, h, w]
+    step_kwargs = {"eta": s.eta, "generator": generator} if policy.timestep_dtype == torch.long else {}
     for t in scheduler.timesteps:
-        eps = guided_noise_pred(unet, latents, t, embeds, negative, s.guidance_scale)
-        latents = scheduler.step(eps, t, latents, eta=s.eta, generator=generator).prev_sample
+        eps = policy.denoiser_output(unet, latents, t, embeds, negative, s.guidance_scale)
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     return decode_latents(pipe, latents)
 
 
 @torch.no_grad()
-def unet_only_loop(sampler: Sampler, embeds: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """The T CFG UNet forwards of a batch and nothing else. embeds [B, L, D], latents [B, C, h, w]."""
+def unet_only_loop(sampler: Sampler, embeds, latents: torch.Tensor) -> torch.Tensor:
+    """The T CFG denoiser forwards of a batch and nothing else. embeds [B, L, D] (+ pooled), latents [B, C, h, w]."""
     s = sampler.cfg.sampling
+    policy = policy_for(sampler.pipe)
     scheduler = sampler.pipe.scheduler
     scheduler.set_timesteps(s.num_steps, device=latents.device)
     eps = latents
     for t in scheduler.timesteps:
-        eps = guided_noise_pred(sampler.pipe.unet, latents, t, embeds, embeds, s.guidance_scale)
+        eps = policy.denoiser_output(policy.denoiser, latents, t, embeds, embeds, s.guidance_scale)
     return eps
 
 
@@ -117,9 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     fast_flags = tf32_flags()  # apply_fast_paths may have allowed TF32 process-wide
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     generator = torch.Generator(device).manual_seed(0)
-    embeds = encode_prompts(eager.pipe, prompts).to(eager.pipe.unet.dtype)  # [B, L, D]
+    policy = policy_for(eager.pipe)
+    dtype_model = policy.denoiser.dtype
+    embeds = policy.encode_prompts(prompts).to(dtype_model)  # [B, L, D] (+ pooled)
     side = args.resolution // eager.pipe.vae_scale_factor
-    latents = torch.randn((args.batch, 4, side, side), generator=generator, device=device).to(embeds.dtype)
+    channels = policy.denoiser.config.in_channels
+    latents = torch.randn((args.batch, channels, side, side), generator=generator, device=device).to(
+        dtype_model
+    )
     # [B, C, h, w]
 
     loops: dict[str, Callable[[], object]] = {
@@ -144,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps,
             "resolution": args.resolution,
             "guidance_scale": args.guidance,
-            "eta": 1.0,
+            "eta": PRESETS[args.preset].eta,
             "lora_rank": args.lora_rank,
             "eager_dtype": dtype,
             "fast": spec_of(fast),

@@ -1,4 +1,5 @@
-"""Model presets of the benchmarks: `tiny` (the CPU test model) and `sd15` (SD 1.5's architecture, random weights).
+"""Model presets of the benchmarks: `tiny` (the CPU test model), `sd15` (SD 1.5's architecture, random weights), and
+`sdxl` / `sd3` (SDXL base's and SD 3.5 Medium's architectures, random weights: bench/families.py).
 
 `sd15` is built from SD 1.5's published configs in code, with no download, so its cost is the real model's:
 
@@ -32,8 +33,10 @@ import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from bench.families import build_family_pipeline
 from services import models
 from services.config import TrainConfig, build_config
+from services.diffusion import policy_for
 from services.models import DTYPES, resolve_device  # noqa: F401  (re-exported for the benchmarks)
 from services.tiny_models import SD1_SCHEDULER, _tiny_tokenizer, build_tiny_sd_pipeline
 
@@ -45,11 +48,16 @@ class Shapes:
     resolution: int  # image side in pixels (latents are resolution / 8)
     num_steps: int  # DDIM steps T
     batch_size: int  # images per sampler batch / samples per learner epoch
+    eta: float = 1.0  # DDIM eta, or the flow SDE's noise level
 
 
 PRESETS: dict[str, Shapes] = {
     "tiny": Shapes(resolution=64, num_steps=20, batch_size=8),
     "sd15": Shapes(resolution=512, num_steps=50, batch_size=8),  # the paper's SD 1.5 setting
+    "sdxl": Shapes(resolution=1024, num_steps=50, batch_size=2),  # configs/sdxl_aesthetic.yaml
+    "sd3": Shapes(
+        resolution=512, num_steps=10, batch_size=4, eta=0.7
+    ),  # configs/sd35_pickscore.yaml (Flow-GRPO)
 }
 
 SD15_UNET = dict(
@@ -144,14 +152,17 @@ def build_pipeline(
     """A frozen, eval-mode pipeline of `preset` on `device` in `dtype` (attach a LoRA with services.models)."""
     if preset == "sd15":
         pipe = build_sd15_pipeline(device, dtype, seed)
+    elif preset in ("sdxl", "sd3"):
+        pipe = build_family_pipeline(preset, device, dtype, seed)
     elif preset == "tiny":
         with _quiet_diffusers():
             pipe = build_tiny_sd_pipeline(seed).to(device, dtype)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False).eval()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
     return pipe
 
 
@@ -296,7 +307,7 @@ def pipeline_with_lora(preset: str, cfg: TrainConfig, fast: FastPath | None) -> 
     """A fresh pipeline of `preset` as `cfg.model` says (device, dtype), the LoRA of `cfg.lora` attached and, for a
     fast path, `cfg.performance` applied."""
     pipe = build_pipeline(preset, torch.device(cfg.model.device), DTYPES[cfg.model.dtype], seed=0)
-    models.add_lora(pipe.unet, cfg.lora, seed=0)
+    models.add_lora(policy_for(pipe).denoiser, cfg.lora, seed=0)
     if fast is not None:
         models.apply_fast_paths(pipe, cfg.performance)
     return pipe
@@ -361,7 +372,7 @@ def workload_config(
             "num_steps": args.steps,
             "batch_size": batch_size,
             "guidance_scale": args.guidance,
-            "eta": 1.0,
+            "eta": PRESETS[args.preset].eta,
             "resolution": args.resolution,
         },
         "prompts": {"set": "list", "items": PROMPTS},

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from learner.objectives import (
@@ -38,7 +37,7 @@ from learner.objectives import (
     rwr_loss,
 )
 from services.config import TrainConfig
-from services.diffusion import encode_prompts, guided_noise_pred, step_log_prob
+from services.diffusion import policy_for, step_log_prob
 from services.models import (
     autocast,
     load_pipeline,
@@ -58,7 +57,7 @@ class EpochBatch:
 
     latents: torch.Tensor  # [N, T+1, C, h, w] as sampled (cluster.latent_dtype)
     log_probs: torch.Tensor  # [N, T] float32, recorded by the sampler (the old policy)
-    timesteps: torch.Tensor  # [N, T] long
+    timesteps: torch.Tensor  # [N, T] long (DDIM) or float32 (flow models), as recorded
     rewards: torch.Tensor  # [N] float32
     prompts: list[str]  # [N]
     lags: torch.Tensor  # [N] long, learner version - sampling version (CPU)
@@ -72,7 +71,7 @@ class EpochBatch:
         return cls(
             latents=torch.stack([t.latents for t in batch]).to(device),
             log_probs=torch.stack([t.log_probs for t in batch]).to(device, torch.float32),
-            timesteps=torch.stack([t.timesteps for t in batch]).to(device, torch.long),
+            timesteps=torch.stack([t.timesteps for t in batch]).to(device),
             rewards=torch.tensor([t.reward for t in batch], dtype=torch.float32, device=device),
             prompts=[t.prompt for t in batch],
             lags=torch.tensor(list(lags) if lags is not None else [0] * len(batch), dtype=torch.long),
@@ -228,7 +227,9 @@ class ScaledOptimizer:
 
 
 class Learner:
-    """Owns the trainable policy (UNet + LoRA), its optimizer and the reward statistics. No Ray, no Redis."""
+    """Owns the trainable policy (denoiser + LoRA), its optimizer and the reward statistics. No Ray, no Redis.
+
+    The model family is the policy's business (`services.diffusion.policies`): the learner only calls it."""
 
     def __init__(self, cfg: TrainConfig, pipeline=None) -> None:
         self.cfg = cfg
@@ -237,12 +238,16 @@ class Learner:
             if pipeline is not None
             else load_pipeline(cfg.model, cfg.lora, seed=cfg.seed, perf=cfg.performance)
         )
-        self.unet = self.pipe.unet
+        self.policy = policy_for(self.pipe)
+        self.unet = self.policy.denoiser  # the trained denoiser: a UNet, or an SD3 transformer
         self.device = self.unet.device
         # A private scheduler: the sampler may share the pipeline object and call set_timesteps itself.
-        self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         self.scheduler.set_timesteps(cfg.sampling.num_steps)
         self.objective = get_objective(cfg.training.objective)
+        if cfg.performance.gradient_checkpointing:
+            # activations are recomputed in backward (only with grad: the sampler's forwards are unchanged)
+            self.unet.enable_gradient_checkpointing()
         self.params = trainable_parameters(self.unet)
         # data-parallel rank within an initialised torch.distributed group (1 rank otherwise)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -259,7 +264,7 @@ class Learner:
         self.ema = [p.detach().float().clone() for p in self.params] if cfg.training.ema_decay else None
         self.policy_version = 0
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # shuffles samples and timesteps
-        self._negative_embeds = encode_prompts(self.pipe, [cfg.sampling.negative_prompt]).to(self.unet.dtype)
+        self._negative_embeds = self.policy.encode_negative(cfg.sampling.negative_prompt).to(self.unet.dtype)
 
     # ---- 1. ADVANTAGES -------------------------------------------------------------------------------------------
     @property
@@ -351,7 +356,7 @@ class Learner:
             for mb in range(rank, num_mb, world):
                 idx = order[mb * t.batch_size : (mb + 1) * t.batch_size]
                 prompts = [data.prompts[i] for i in idx.tolist()]
-                embeds = encode_prompts(self.pipe, prompts).to(self.unet.dtype)  # [b, L, D]
+                embeds = self.policy.encode_prompts(prompts).to(self.unet.dtype)  # [b, L, D] (+ pooled)
                 rows = idx.to(self.device)
                 for j in range(num_train_t):
                     with autocast(cfg.performance, self.device):
@@ -424,6 +429,7 @@ class Learner:
             guidance_scale=guidance,
             eta=cfg.sampling.eta,
             reference=self.reference,
+            policy=self.policy,
         )
         old_log_prob = data.log_probs[rows, step]
         loss, stats = self.objective.loss(log_prob, old_log_prob, adv, cfg.training.clip_range)
@@ -486,6 +492,11 @@ class Learner:
         As in the JAX code, the prediction is classifier-free guided when training.cfg is on. Samples of weight 0
         (RWR-sparse below its percentile) are not run at all; None if none is left.
         """
+        if not hasattr(self.scheduler, "add_noise"):
+            raise ValueError(
+                f"training.objective {self.cfg.training.objective!r} needs a noise-prediction scheduler with "
+                f"add_noise (DDIM); {type(self.scheduler).__name__} has none: use ddpo_is or ddpo_sf"
+            )
         x0 = data.latents[rows, -1].float()  # [b, C, h, w]
         num_train = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, num_train, (len(rows),), generator=generator).to(self.device)
@@ -500,7 +511,7 @@ class Learner:
         else:
             target = noise
         guidance = self.cfg.sampling.guidance_scale if self.cfg.training.cfg else 1.0
-        pred = guided_noise_pred(
+        pred = self.policy.denoiser_output(
             self.unet, noisy, t, embeds, self._negative_embeds.expand_as(embeds), guidance
         )
         # mean over the whole micro-batch (dropped samples count as weight 0): the divisor stays the same

@@ -35,7 +35,11 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """Diffusers Stable Diffusion 1.x/2.x pipeline: a hub id or a local directory."""
+    """Diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5): a hub id or a local directory."""
+    family: Literal["sd", "sdxl", "sd3"] | None = None
+    """Model family (services/diffusion/policies.py): sd = SD 1.x/2.x UNet + DDIM; sdxl = SDXL UNet + DDIM (two text
+    encoders, pooled embeddings, add_time_ids); sd3 = SD3-class transformer + Flow-GRPO's flow SDE (sampling.eta is
+    its noise_level). None: detected from the pipeline's model_index.json `_class_name`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
@@ -63,7 +67,9 @@ class SamplingConfig(_Section):
     num_steps: int = Field(50, ge=1)
     """DDIM denoising steps T per trajectory."""
     eta: float = Field(1.0, gt=0.0)
-    """DDIM eta: std = eta * sqrt(variance). Must be > 0 for the policy to be stochastic."""
+    """Noise of the stochastic steps: DDIM's eta (sd, sdxl: std = eta * sqrt(variance)), or the flow SDE's
+    noise_level a (sd3: std = a * sqrt(sigma / (1 - sigma)); Flow-GRPO uses 0.7). Must be > 0 for the policy to be
+    stochastic."""
     guidance_scale: float = Field(5.0, ge=1.0)
     """Classifier-free guidance weight w (1.0 disables CFG)."""
     batch_size: int = Field(8, ge=1)
@@ -289,7 +295,9 @@ class EvalConfig(_Section):
     seed: int = 2024
     """Base seed of the evaluation noise: the same images' seeds in every epoch."""
     eta: float = Field(0.0, ge=0.0)
-    """DDIM eta of evaluation sampling; 0 = deterministic DDIM."""
+    """eta (noise level) of evaluation sampling; 0 = deterministic (DDIM, or the flow ODE's Euler steps)."""
+    num_steps: int | None = Field(None, ge=1)
+    """Denoising steps of evaluation sampling; None = sampling.num_steps (Flow-GRPO trains with 10, evaluates 40)."""
     watch_rewards: list[RewardName] = []
     """Extra rewards scored but not optimised, to show over-optimisation (e.g. aesthetic while optimising jpeg)."""
     guard: GuardConfig | None = None
@@ -322,6 +330,10 @@ class PerformanceConfig(_Section):
     """Use the fused AdamW kernel."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (ignored on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the learner's backward instead of storing them (diffusers'
+    enable_gradient_checkpointing): less memory for SDXL/SD3 LoRA training, about one more forward of time. The
+    gradients are the same (tested)."""
 
 
 class ClusterConfig(_Section):

@@ -1,4 +1,4 @@
-"""Held-out evaluation: fixed prompts and seeds, deterministic DDIM, scored by the optimised and the watched rewards.
+"""Held-out evaluation: fixed prompts and seeds, deterministic sampling (DDIM, or the flow ODE), scored by the optimised and the watched rewards.
 
 The paper's two questions, answered from a run directory: does the policy generalise to prompts it never trained
 on (`evaluation.prompts`), and does it over-optimise (a watched reward that falls while the optimised one rises)?
@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from services.config import ConfigError, TrainConfig
-from services.diffusion import sample_trajectory
+from services.diffusion import policy_for, sample_trajectory
 from services.images import tensor_to_pil
 from services.reward_client import SyncRewardClient
 from services.rewards import get_reward
@@ -90,8 +90,9 @@ def render_samples(
     Returns images [len(seeds), 3, H, W] float32 in [0, 1] on the CPU.
     """
     images = []
+    device = policy_for(pipeline).denoiser.device
     for seed in seeds:
-        generator = torch.Generator(device=pipeline.unet.device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         traj = sample_trajectory(
             pipeline,
             [prompt],
@@ -115,17 +116,19 @@ def evaluate(
 ) -> EvalResult:
     """Sample the held-out prompts with fixed seeds under the pipeline's current weights and score them.
 
-    DDIM with `evaluation.eta`, the run's `sampling.num_steps`, guidance, negative prompt and resolution.
+    `evaluation.eta`, `evaluation.num_steps` (default: the run's `sampling.num_steps`), the run's guidance, negative
+    prompt and resolution.
     `epoch` labels the result: the epoch whose update produced these weights (as in checkpoints/epoch_NNNN).
     """
     prompts, seeds = eval_prompts_and_seeds(cfg)
     s = cfg.sampling
+    num_steps = cfg.evaluation.num_steps or s.num_steps
     images = []
     pairs = tqdm(zip(prompts, seeds, strict=True), total=len(prompts), desc=f"eval epoch {epoch}", leave=False,
                  disable=not progress)  # fmt: skip
     for prompt, seed in pairs:
         x = render_samples(
-            pipeline, prompt, [seed], s.num_steps, s.guidance_scale, cfg.evaluation.eta, s.negative_prompt,
+            pipeline, prompt, [seed], num_steps, s.guidance_scale, cfg.evaluation.eta, s.negative_prompt,
             s.resolution,
         )  # fmt: skip
         images += tensor_to_pil(x)  # x: [1, 3, H, W]

@@ -1,22 +1,27 @@
-"""Loading the diffusion pipeline (hub id or local directory) with a DDIM scheduler and a LoRA on the UNet.
+"""Loading the diffusion pipeline (hub id or local directory) of any model family, with its sampling scheduler
+(DDIM for sd/sdxl, the flow-matching Euler schedule for sd3) and a LoRA on its denoiser (UNet or transformer).
 
-The same code loads `runwayml/stable-diffusion-v1-5` on a cluster and the tiny model of `ddpo tiny-models` here.
+The same code loads `stable-diffusion-v1-5/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-xl-base-1.0` or
+`stabilityai/stable-diffusion-3.5-medium` on a cluster and the tiny models of `ddpo tiny-models` here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
 import transformers
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from services.config import LoraConfig, ModelConfig, PerformanceConfig, TrainConfig
+from services.diffusion import FAMILIES, family_of_pipeline_class, policy_for
 
 logger = logging.getLogger(__name__)
 
@@ -45,37 +50,60 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def model_index(model: ModelConfig) -> dict[str, Any]:
+    """The pipeline's model_index.json (a local directory's, or the hub's: one small file, or the local cache
+    when offline)."""
+    local = Path(model.pretrained)
+    if local.exists():
+        return json.loads((local / "model_index.json").read_text())
+    return dict(DiffusionPipeline.load_config(model.pretrained, revision=model.revision))
+
+
+def detect_family(model: ModelConfig) -> str:
+    """model.family, else the family of the pipeline class in model_index.json (`_class_name`)."""
+    if model.family is not None:
+        return model.family
+    return family_of_pipeline_class(model_index(model)["_class_name"])
+
+
 def load_pipeline(
     model: ModelConfig,
     lora: LoraConfig | None = None,
     seed: int = 0,
     perf: PerformanceConfig | None = None,
-) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with DDIM, frozen base weights, and (if model.use_lora) a trainable UNet LoRA.
+) -> Any:
+    """The family's diffusers pipeline with its sampling scheduler, frozen base weights, and (if model.use_lora) a
+    trainable LoRA on the denoiser (UNet or transformer).
 
     Base weights are in `model.dtype` on every device (a CPU runs float16 and bfloat16 too, only slower); LoRA
-    weights, and the UNet of full fine-tuning, in float32.
+    weights, and the denoiser of full fine-tuning, in float32.
     """
     device = resolve_device(model.device)
     dtype = DTYPES[model.dtype]
     local = Path(model.pretrained).exists()
-    pipe = StableDiffusionPipeline.from_pretrained(
+    index = model_index(model)
+    family = FAMILIES[model.family or family_of_pipeline_class(index["_class_name"])]
+    # components saved as absent ([null, null], e.g. SD3 without T5) are passed as None, as the stock loader needs
+    absent = {name: None for name, spec in index.items() if isinstance(spec, list) and spec == [None, None]}
+    pipe = family.pipeline_class.from_pretrained(
         model.pretrained,
         revision=None if local else model.revision,
         dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
+        **{**absent, **dict(family.load_kwargs)},
     )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not isinstance(pipe.scheduler, family.scheduler_class):
+        pipe.scheduler = family.scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
     with _without_cpu_half_warning():
         pipe.to(device)
+    denoiser = policy_for(pipe).denoiser
     if model.use_lora:
-        add_lora(pipe.unet, lora or LoraConfig(), seed=seed)
+        add_lora(denoiser, lora or LoraConfig(), seed=seed)
     else:
-        pipe.unet.to(torch.float32).requires_grad_(True)
+        denoiser.to(torch.float32).requires_grad_(True)
     if perf is not None:
         apply_fast_paths(pipe, perf)
     return pipe
@@ -140,16 +168,17 @@ def load_policy_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]
         unet.load_state_dict(state)
 
 
-def apply_fast_paths(pipe: StableDiffusionPipeline, perf: PerformanceConfig) -> None:
-    """Channels-last and torch.compile on the UNet, TF32, as configured (in place; after the LoRA is attached,
-    so that loading new LoRA weights into the parameters needs no recompilation)."""
+def apply_fast_paths(pipe: Any, perf: PerformanceConfig) -> None:
+    """Channels-last and torch.compile on the denoiser, TF32, as configured (in place; after
+    the LoRA is attached, so that loading new LoRA weights into the parameters needs no recompilation)."""
+    denoiser = policy_for(pipe).denoiser
     if perf.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if perf.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if perf.compile_unet:
-        pipe.unet.compile(mode=perf.compile_mode)
+        denoiser.compile(mode=perf.compile_mode)
 
 
 def autocast(perf: PerformanceConfig, device: torch.device) -> contextlib.AbstractContextManager:

@@ -41,7 +41,7 @@ class Trajectory:
 
     latents: torch.Tensor  # [B, T+1, C, h, w]  x_T, x_{T-1}, ..., x_0 (index i is the input of step i)
     log_probs: torch.Tensor  # [B, T] float32, log pi(x_{i+1} | x_i, c) of the sampled step
-    timesteps: torch.Tensor  # [T] long, the scheduler timestep of each step
+    timesteps: torch.Tensor  # [T] the scheduler timestep of each step: long (DDIM) or float32 (flow models)
     images: torch.Tensor  # [B, 3, H, W] float in [0, 1], decoded x_0
     prompts: list[str]  # [B]
     # [B] the samples of one prompt draw share a group id (sampling.group_size)
@@ -59,7 +59,7 @@ class ScoredTrajectory:
 
     latents: torch.Tensor  # [T+1, C, h, w]
     log_probs: torch.Tensor  # [T] float32
-    timesteps: torch.Tensor  # [T] long
+    timesteps: torch.Tensor  # [T] long (DDIM) or float32 (flow models)
     prompt: str
     reward: float
     policy_version: int = 0  # LoRA version that sampled it
@@ -127,6 +127,13 @@ SCHEMA_VERSION = 1
 KIND_TRAJECTORY = "trajectory"
 KIND_TENSORS = "tensors"
 LATENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TIMESTEP_DTYPES = (torch.int64, torch.float32)  # DDIM's integer timesteps; flow-matching models' float ones
+
+
+def _timestep_dtype(timesteps: torch.Tensor) -> torch.dtype:
+    """float32 for a flow model's float timesteps, int64 for DDIM's."""
+    return torch.float32 if timesteps.is_floating_point() else torch.int64
+
 
 # torch dtype <-> safetensors dtype tag (the subset we send).
 _DTYPE_TAGS: dict[torch.dtype, str] = {
@@ -265,7 +272,8 @@ def _deserialize(payload: Buffer, kind: str, copy: bool) -> tuple[dict[str, torc
 
 
 def encode_trajectory(t: ScoredTrajectory, latent_dtype: torch.dtype = torch.bfloat16) -> bytes:
-    """One scored trajectory -> safetensors bytes; latents cast to ``latent_dtype``, log-probs f32, timesteps i64.
+    """One scored trajectory -> safetensors bytes; latents cast to ``latent_dtype``, log-probs f32, timesteps i64
+    (DDIM's integer timesteps) or f32 (a flow model's, kept exactly).
 
     Cast latents on the sampling device before moving them to the CPU where possible: it halves the copy, and a
     CPU float32 -> bfloat16 cast is slow on small multi-threaded hosts.
@@ -275,7 +283,7 @@ def encode_trajectory(t: ScoredTrajectory, latent_dtype: torch.dtype = torch.bfl
     tensors = {
         "latents": t.latents.detach().to(latent_dtype),  # [T+1, C, h, w]
         "log_probs": t.log_probs.detach().to(torch.float32),  # [T]
-        "timesteps": t.timesteps.detach().to(torch.int64),  # [T]
+        "timesteps": t.timesteps.detach().to(_timestep_dtype(t.timesteps)),  # [T]
     }
     if t.final_latents is not None:  # x_0 after a stochastic window that ends early
         tensors["final_latents"] = t.final_latents.detach().to(latent_dtype)  # [C, h, w]
@@ -303,7 +311,7 @@ def decode_trajectory(b: Buffer, copy: bool = True) -> ScoredTrajectory:
         traj = ScoredTrajectory(
             latents=latents,  # [T+1, C, h, w]
             log_probs=log_probs,  # [T] float32
-            timesteps=timesteps,  # [T] int64
+            timesteps=timesteps,  # [T] int64 or float32
             prompt=str(meta["prompt"]),
             reward=float(meta["reward"]),
             policy_version=int(meta["policy_version"]),
@@ -318,7 +326,7 @@ def decode_trajectory(b: Buffer, copy: bool = True) -> ScoredTrajectory:
     t_steps = log_probs.shape[0] if log_probs.ndim == 1 else -1
     if (
         log_probs.dtype != torch.float32
-        or timesteps.dtype != torch.int64
+        or timesteps.dtype not in TIMESTEP_DTYPES
         or timesteps.shape != (t_steps,)
         or latents.ndim != 4
         or latents.shape[0] != t_steps + 1

@@ -47,7 +47,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM eta, or the flow SDE noise level (0 = deterministic)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype",
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_report(sub)
     kinds = ",".join(SERVER_KINDS)
     sub.add_parser("serve", help=f"run a reward server: ddpo serve {{{kinds}}} --help")
-    sub.add_parser("bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15]")
+    sub.add_parser(
+        "bench", help="benchmarks that print one JSON line: ddpo bench NAME [--preset tiny|sd15|sdxl|sd3]"
+    )
     args = parser.parse_args(argv)
     # mistakes in what the user asked for end in one line and exit status 2; anything else keeps its traceback
     user_errors = (ConfigError,) if args.command == "train" else (ConfigError, FileNotFoundError)

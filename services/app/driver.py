@@ -33,7 +33,7 @@ from services.keys import RunKeys
 from services.models import load_pipeline, quiet_model_loading
 from services.signing import RunSigner, new_run_secret, run_secret_from_env
 from services.streams import TrajectoryStream, redis_client
-from services.tiny_models import write_tiny_sd
+from services.tiny_models import write_tiny_sd, write_tiny_sd3, write_tiny_sdxl
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,14 @@ def prepare_models(cfg: TrainConfig) -> None:
 
 
 def write_tiny_models(out_dir: str | Path) -> Path:
-    """`ddpo tiny-models`: every tiny random model under out_dir (sd/, llava/, aesthetic/, pickscore/,
+    """`ddpo tiny-models`: every tiny random model under out_dir (sd/, sdxl/, sd3/, llava/, aesthetic/, pickscore/,
     clipscore/)."""
     quiet_model_loading()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_sd(out / "sd")
+    write_tiny_sdxl(out / "sdxl")
+    write_tiny_sd3(out / "sd3")
     write_tiny_reward_models(out)
     return out
 

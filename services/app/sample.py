@@ -1,11 +1,18 @@
-"""`ddpo sample`: render images with our sampler from a base model and, optionally, a diffusers-format LoRA.
+"""`ddpo sample`: render images with our sampler from a base model of any family (sd, sdxl, sd3, detected from its
+model_index.json) and, optionally, a diffusers-format LoRA.
 
 Image i uses its own generator seeded with `seed + i`, so it is reproduced alone by stock diffusers:
 
     pipe = StableDiffusionPipeline.from_pretrained(MODEL)       # its scheduler must be DDIM (SD 1.5 ships PNDM):
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)   # (SDXL: StableDiffusionXLPipeline, same)
     pipe.load_lora_weights(LORA)
     pipe(prompt, num_inference_steps=STEPS, guidance_scale=G, eta=ETA, generator=torch.Generator().manual_seed(seed + i))
+
+SD3 (--eta 0: the flow ODE, the stock pipeline's Euler sampler; without T5 pass text_encoder_3=None, tokenizer_3=None):
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(MODEL)
+    pipe.load_lora_weights(LORA)
+    pipe(prompt, num_inference_steps=STEPS, guidance_scale=G, generator=torch.Generator().manual_seed(seed + i))
 """
 
 from __future__ import annotations
