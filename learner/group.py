@@ -133,7 +133,11 @@ class LearnerRank:
                 if kind == STATE:
                     learner.load_state_dict(decode_state(payload))
                 elif kind == BATCH:
-                    learner.train_epoch(decode_batch(payload))
+                    batch = decode_batch(payload)
+                    # the same lags as rank 0 (its version and this rank's move together): the per-lag statistics
+                    # are summed over ranks, so every rank must hold the same lag groups
+                    lags = [learner.policy_version - t.policy_version for t in batch]
+                    learner.train_epoch(batch, lags=lags)
                     epochs += 1
         finally:
             group.close()

@@ -182,9 +182,11 @@ def test_the_rewards_are_config_names_terms_and_watch_rewards() -> None:
         {"reward": {"name": "pickscore", "mode": "http", "servers": {"pickscore": {"spawn": True}}}}
     )
     assert cfg.reward.name == "pickscore" and "pickscore" in cfg.reward.servers
-    terms = [{"name": "jpeg_compressibility"}, {"name": "pickscore", "weight": 0.5}]
+    terms = [{"name": "jpeg_compressibility"}, {"name": "pickscore", "weight": 0.5, "mode": "http"}]
     cfg = TrainConfig.model_validate({"reward": {"terms": terms, "servers": {"pickscore": {"spawn": True}}}})
     assert [cfg.reward.term_mode(t) for t in cfg.reward.resolved_terms] == ["local", "http"]
+    with pytest.raises(ValueError, match="'pickscore' needs mode http"):  # a term runs where its mode says
+        TrainConfig.model_validate({"reward": {"terms": [{"name": "pickscore"}]}})
     cfg = TrainConfig.model_validate(
         {"reward": {"servers": {"clipscore": {"urls": ["http://127.0.0.1:1"]}}},
          "evaluation": {"watch_rewards": ["clipscore", "pickscore"]}}
