@@ -170,7 +170,9 @@ def kill9(actor_id: str, killed: dict[str, int]) -> Callable[[dict[str, int]], N
 
 @pytest.mark.timeout(600)
 def test_killed_sampling_actor_is_restarted_and_nothing_is_lost(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    cfg = dist_config(tiny_sd_path, cluster={"keep_redis_keys": True})  # the restarted actor's pid is read after
+    cfg = dist_config(
+        tiny_sd_path, cluster={"keep_redis_keys": True}
+    )  # the restarted actor's pid is read after
     killed: dict[str, int] = {}
     action = kill9("sampler-0", killed)
     run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=action)
