@@ -134,13 +134,7 @@ def ddim_step_with_logprob(
         Averaging rescales the policy gradient by 1/(C*h*w) uniformly, which the learning rate absorbs.
     """
     prev_mean, std_dev_t = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
-    if prev_sample is None:
-        if eta == 0:
-            prev_sample = prev_mean.to(sample.dtype)
-        else:
-            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-            prev_sample = (prev_mean + std_dev_t * noise).to(sample.dtype)
-    return prev_sample, gaussian_log_prob(prev_sample, prev_mean, std_dev_t)
+    return _draw_and_score(prev_mean, std_dev_t, sample, eta == 0, prev_sample, generator)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -228,10 +222,23 @@ def flow_sde_step_with_logprob(
         prev_sample averaged over all non-batch dimensions (as `ddim_step_with_logprob`).
     """
     prev_mean, step_std = flow_sde_step_mean_std(scheduler, model_output, timestep, sample, noise_level)
+    return _draw_and_score(prev_mean, step_std, sample, noise_level == 0, prev_sample, generator)
+
+
+def _draw_and_score(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    sample: torch.Tensor,
+    deterministic: bool,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next sample (drawn from N(mean, std^2) in float32 and rounded to `sample`'s dtype, or the mean itself for
+    a deterministic step, or `prev_sample` when given) and its Gaussian log-probability [B]."""
     if prev_sample is None:
-        if noise_level == 0:
-            prev_sample = prev_mean.to(sample.dtype)
+        if deterministic:
+            prev_sample = mean.to(sample.dtype)
         else:
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-            prev_sample = (prev_mean + step_std * noise).to(sample.dtype)
-    return prev_sample, gaussian_log_prob(prev_sample, prev_mean, step_std)
+            prev_sample = (mean + std * noise).to(sample.dtype)
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
