@@ -87,6 +87,7 @@ class LearnerWorker:
                 cfg, self.run_dir, learner, self.replicas, resume_epoch=first_epoch
             ),
             before_update=before_update,
+            finish_requested=lambda: bool(self.redis.exists(RunKeys(self.run_id).finish)),
         )
         if self.group is not None:  # the other ranks start from exactly this (fresh or resumed) state
             self.group.send(STATE, encode_state(learner.state_dict()))

@@ -92,11 +92,14 @@ class EpochLoop:
         publish: Publish,
         recorder_factory: Callable[[int], EpochRecorderLike],
         before_update: Callable[[list[ScoredTrajectory]], None] | None = None,
+        finish_requested: Callable[[], bool] = lambda: False,
     ) -> None:
         self.cfg, self.run_dir, self.learner, self.source = cfg, Path(run_dir), learner, source
         self.publish = publish
         self.before_update = before_update  # e.g. send the batch to the other data-parallel ranks
+        self.finish_requested = finish_requested  # asked between epochs: end the run early, checkpointed
         self.next_epoch = 0
+        self.checkpointed_epoch = -1  # the newest epoch in a checkpoint
         self.unacked: list[str] = []  # entry ids used since the last checkpoint
         self.stop_reason: str | None = None
         self.resume()
@@ -112,6 +115,7 @@ class EpochLoop:
                 load_unet_weights(self.learner.unet, ckpt / "unet")
             self.source.load_state_dict(state.get("source", {"dedup": state.get("dedup", [])}))
             self.next_epoch = int(state["epoch"]) + 1
+            self.checkpointed_epoch = int(state["epoch"])
             logger.info(
                 "resumed from %s at epoch %d, policy version %d",
                 ckpt,
@@ -185,18 +189,25 @@ class EpochLoop:
         prune_checkpoints(self.run_dir, self.cfg.save_keep_last)
         self.source.ack(self.unacked)
         self.unacked = []
+        self.checkpointed_epoch = epoch
         return path
 
     def run(self, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-        """Epochs until `num_epochs` (calling `on_row` with each metrics row); returns this call's rows."""
+        """Epochs until `num_epochs`, the guard's stop or a finish request (calling `on_row` with each metrics row);
+        returns this call's rows. The last epoch run is always in a checkpoint."""
         rows = []
         while self.next_epoch < self.cfg.num_epochs:
+            if self.finish_requested():
+                logger.info("run finished on request after epoch %d", self.next_epoch - 1)
+                break
             rows.append(self.run_epoch())
             if on_row is not None:
                 on_row(rows[-1])
             if self.stop_reason:
                 logger.warning("run stopped after epoch %d: %s", self.next_epoch - 1, self.stop_reason)
                 break
+        if self.next_epoch - 1 > self.checkpointed_epoch:
+            self.checkpoint(self.next_epoch - 1)
         self.recorder.close()
         return rows
 

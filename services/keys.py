@@ -11,6 +11,7 @@ weights:forged        publications the actors refused as forged (each actor adds
 quota:claimed         samples the actors have claimed (services.quota)
 quota:limit:V         the claim limit of actors holding policy version V
 stop                  set when the run is over: actors leave their loops
+finish                set to end the run early: the learner finishes after its current epoch, checkpointed
 pids                  hash actor id -> process id (operators, fault tests)
 actor_time            hash actor id -> JSON {"busy_s", "wall_s"} (the learner's actor_idle_frac)
 """
@@ -79,6 +80,10 @@ class RunKeys:
     @property
     def stop(self) -> str:
         return self.prefix + "stop"
+
+    @property
+    def finish(self) -> str:
+        return self.prefix + "finish"
 
     @property
     def pids(self) -> str:

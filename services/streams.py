@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 import torch
 
 from services.credentials import redis_url_with_password
@@ -71,11 +73,23 @@ class ForgedWeightsError(WeightIntegrityError):
         self.publication = publication
 
 
+REDIS_RETRIES = 12
+"""Attempts after a connection error or timeout, backing off 0.1 s doubling to at most 5 s with jitter: about 40 s in
+all, so a Redis restart (it reloads its append-only file) or a dropped connection is ridden out, not fatal."""
+
+
 def redis_client(url: str) -> redis.Redis:
     """A binary-safe client (payloads are bytes) with health checks, for redis://, rediss:// (TLS) and unix:// URLs;
-    a URL without a password takes DDPO_REDIS_PASSWORD's (`services.credentials`)."""
+    a URL without a password takes DDPO_REDIS_PASSWORD's (`services.credentials`). Commands are retried through a
+    Redis outage (`REDIS_RETRIES`); a retried XADD may add an entry twice, which the learner's deduplication
+    absorbs."""
     return redis.Redis.from_url(
-        redis_url_with_password(url), decode_responses=False, socket_timeout=30, health_check_interval=30
+        redis_url_with_password(url),
+        decode_responses=False,
+        socket_timeout=30,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), REDIS_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 

@@ -1,4 +1,4 @@
-"""The `ddpo` command line: train, serve, tiny-models, sample, eval, report."""
+"""The `ddpo` command line: train, serve, tiny-models, sample, eval, report, chaos, bench."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from bench.cli import main as bench_main
 from reward_servers.serve import KINDS as SERVER_KINDS
 from reward_servers.serve import main as serve_main
+from services.app import chaos
 from services.app.driver import main_from_args, write_tiny_models
 from services.app.evaluate import run_eval
 from services.app.sample import run_sample
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_sample(sub)
     _add_eval(sub)
     _add_report(sub)
+    chaos.add_parser(sub, _add_set_option)
     kinds = ",".join(SERVER_KINDS)
     sub.add_parser("serve", help=f"run a reward server: ddpo serve {{{kinds}}} --help")
     sub.add_parser(
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     # mistakes in what the user asked for end in one line and exit status 2; anything else keeps its traceback
-    user_errors = (ConfigError,) if args.command == "train" else (ConfigError, FileNotFoundError)
+    user_errors = (ConfigError,) if args.command in ("train", "chaos") else (ConfigError, FileNotFoundError)
     try:
         if args.command == "train":
             main_from_args(args)
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(path)
         elif args.command == "report":
             print(write_report(args.run_dir))
+        elif args.command == "chaos":
+            sys.exit(chaos.main_from_args(args))
     except user_errors as err:
         parser.exit(2, f"ddpo {args.command}: {err}\n")
 

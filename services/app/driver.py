@@ -235,7 +235,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
     ):
         r = redis_client(redis_url)
         keys = RunKeys(run_id)
-        r.delete(keys.stop)
+        r.delete(keys.stop, keys.finish)
         # a single learner restarts on its own; a data-parallel group fails together (resume with --resume)
         learner_restarts = -1 if c.num_learners == 1 else 0
         learner = (

@@ -150,14 +150,21 @@ class SpawnedServer:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / (log_name or f"reward-{kind}.log")
         self._log = self.log_path.open("ab")
-        logger.info("starting reward server %s at %s", kind, self.url)
+        self._cmd, self._env = cmd, None if env is None else {**os.environ, **env}
+        self.start()
+
+    def start(self) -> None:
+        """Launch the server process (again, after `kill`: same port, same log)."""
+        logger.info("starting reward server %s at %s", self.kind, self.url)
         self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=None if env is None else {**os.environ, **env},
+            self._cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=self._env
         )
+
+    def kill(self) -> None:
+        """SIGKILL the server process (a crash, for fault tests) and reap it; `start` brings it back."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
