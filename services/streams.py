@@ -16,6 +16,7 @@ carries a ``mac`` and ``WeightSubscriber`` refuses versions whose MAC does not v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -648,20 +649,34 @@ class WeightSubscriber:
 
     def wait(self, timeout_s: float, poll_s: float = 0.5) -> tuple[int, dict[str, torch.Tensor]] | None:
         """Like ``poll`` but block up to ``timeout_s`` for a new publication (kept subscription, low latency)."""
-        if self._pubsub is None:
-            self._pubsub = self.channel._r.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.channel.notify_channel)
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             seen = max(self.seq, self._idle_seq)  # past a refused (or stale) publication: wait for the next
-            if not self.channel._wait(self._pubsub, self.version + 1, max(remaining, 0.0), poll_s, seq=seen):
+            if not self._wait_newer(seen, max(remaining, 0.0), poll_s):
                 return None
             got = self.poll()
             if got is not None or deadline - time.monotonic() <= 0:
                 return got
 
+    def _wait_newer(self, seen: int, timeout_s: float, poll_s: float) -> bool:
+        """Wait for a publication newer than `seen` on the kept subscription. A subscription whose connection broke
+        (Redis restarted, the connection was dropped) is closed and made again on the next call: the publication
+        counter, which the wait polls, catches what it missed meanwhile."""
+        try:
+            if self._pubsub is None:
+                self._pubsub = self.channel._r.pubsub(ignore_subscribe_messages=True)
+                self._pubsub.subscribe(self.channel.notify_channel)
+            return self.channel._wait(self._pubsub, self.version + 1, timeout_s, poll_s, seq=seen)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            logger.info("weights notifications: connection lost (%s); subscribing again", err)
+            self.close()
+            return self.channel.latest_seq() > seen
+
     def close(self) -> None:
         if self._pubsub is not None:
-            self._pubsub.close()
-            self._pubsub = None
+            pubsub, self._pubsub = self._pubsub, None
+            with contextlib.suppress(
+                redis.RedisError, OSError
+            ):  # a broken connection has nothing left to close
+                pubsub.close()

@@ -7,8 +7,6 @@ the end partition the set of ids that entered the stream, and no id is used twic
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -98,9 +96,10 @@ def check_ledger(run_dir: Path, num_epochs: int) -> dict[str, list[str]]:
 
 
 class Chaos(threading.Thread):
-    """Runs `action(pids)` once the run has written `after_rows` metrics rows (pids: actor id -> pid from Redis)."""
+    """Runs `action()` once the run has written `after_rows` metrics rows (`ddpo chaos` injects every kind of fault
+    on a schedule; this is one fault at a chosen point)."""
 
-    def __init__(self, run_dir: Path, after_rows: int, action: Callable[[dict[str, int]], None]) -> None:
+    def __init__(self, run_dir: Path, after_rows: int, action: Callable[[], None]) -> None:
         super().__init__(daemon=True)
         self.run_dir, self.after_rows, self.action = run_dir, after_rows, action
         self.done = threading.Event()
@@ -115,7 +114,7 @@ class Chaos(threading.Thread):
                 if rows >= self.after_rows:
                     break
                 time.sleep(0.2)
-            self.action(current_pids(self.run_dir))
+            self.action()
         except BaseException as e:  # surfaced by the test
             self.error = e
         finally:
@@ -150,48 +149,6 @@ def actor_log_lines(ray_dir: Path, *needles: str) -> list[str]:
             line for line in log.read_text(errors="replace").splitlines() if all(n in line for n in needles)
         ]
     return lines
-
-
-def current_pids(run_dir: Path) -> dict[str, int]:
-    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
-    r = redis.Redis.from_url(REDIS_URL)
-    return {k.decode(): int(v) for k, v in r.hgetall(f"ddpo:{run_id}:pids").items()}
-
-
-def kill9(actor_id: str, killed: dict[str, int]) -> Callable[[dict[str, int]], None]:
-    """A chaos action: SIGKILL the actor's process, remembering its pid in `killed`."""
-
-    def action(pids: dict[str, int]) -> None:
-        killed["pid"] = pids[actor_id]
-        os.kill(pids[actor_id], signal.SIGKILL)
-
-    return action
-
-
-@pytest.mark.timeout(600)
-def test_killed_sampling_actor_is_restarted_and_nothing_is_lost(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    cfg = dist_config(
-        tiny_sd_path, cluster={"keep_redis_keys": True}
-    )  # the restarted actor's pid is read after
-    killed: dict[str, int] = {}
-    action = kill9("sampler-0", killed)
-    run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=action)
-    check_ledger(run_dir, cfg.num_epochs)
-    assert current_pids(run_dir)["sampler-0"] != killed["pid"], "Ray did not restart the sampling actor"
-
-
-@pytest.mark.timeout(600)
-def test_killed_learner_resumes_from_its_checkpoint(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    # keep the Redis keys: the restarted learner's pid is read after; keep the 2 newest checkpoints
-    cfg = dist_config(tiny_sd_path, cluster={"keep_redis_keys": True}, save_keep_last=2)
-    killed: dict[str, int] = {}
-    # after 3 rows: epochs 0-1 are checkpointed, epoch 2 is not: it is replayed from the un-acknowledged entries
-    action = kill9("learner-0", killed)
-    run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=3, action=action)
-    check_ledger(run_dir, cfg.num_epochs)
-    assert current_pids(run_dir)["learner-0"] != killed["pid"], "the learner was not restarted"
-    assert (run_dir / "checkpoints" / "epoch_0005" / "lora" / "pytorch_lora_weights.safetensors").exists()
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*")) == ["epoch_0003", "epoch_0005"]
 
 
 class JpegServer:
@@ -246,7 +203,7 @@ def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
     )
     port = f"127.0.0.1:{server.port}/"
 
-    def outage(pids: dict[str, int]) -> None:
+    def outage() -> None:
         server.stop()
         wait_until(
             lambda: actor_log_lines(local_ray, "scoring failed", port), "the sampling actor to see the outage"

@@ -19,6 +19,7 @@ from services.streams import (
     WeightChannel,
     WeightIntegrityError,
     WeightSubscriber,
+    redis_client,
 )
 from services.trajectory import ScoredTrajectory
 
@@ -418,6 +419,31 @@ def test_subscriber_wait_hands_out_what_is_already_there_at_once(r: redis.Redis,
         assert sub.wait(timeout_s=0.0) is None
     finally:
         sub.close()
+
+
+def test_subscriber_survives_its_notification_connection_being_dropped(run_id: str) -> None:
+    """Redis restarts or drops the subscription's connection (`ddpo chaos` does both): the next wait that finds it
+    broken -- here the health check's PING, as the client's 30 s interval would send it -- subscribes again and
+    still hands out the next publication."""
+    client = redis_client("redis://127.0.0.1:6379/0")
+    ch = WeightChannel(client, run_id)
+    sub = WeightSubscriber(ch)
+    try:
+        ch.publish(0, lora_state(0))
+        assert sub.wait(timeout_s=10.0)[0] == 0  # subscribed
+        conn = sub._pubsub.connection
+        addr = f"127.0.0.1:{conn._sock.getsockname()[1]}"
+        victim = next(c for c in client.client_list() if c["addr"] == addr)
+        client.client_kill_filter(_id=victim["id"])
+        conn.send_command("PING", check_health=False)  # the first write after the drop still "succeeds"
+        conn.next_health_check = 0  # due now: the health check's PING meets the broken pipe
+        assert sub.wait(timeout_s=0.3, poll_s=0.05) is None  # nothing new, and no ConnectionError
+        ch.publish(1, lora_state(1))
+        got = sub.wait(timeout_s=10.0, poll_s=0.05)
+        assert got is not None and got[0] == 1
+    finally:
+        sub.close()
+        client.close()
 
 
 # ---- benchmarks (smoke: they run and report; no timing is asserted) -----------------------------------------

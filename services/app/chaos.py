@@ -410,11 +410,10 @@ def check_soakable(cfg: TrainConfig) -> None:
 
 def soak_config(cfg: TrainConfig, redis_url: str, reward_timeout_s: float) -> TrainConfig:
     """The run the soak drives: its own Redis, epochs until the finish request, a reward timeout a stopped replica
-    outlasts, a checkpoint every epoch."""
+    outlasts."""
     check_soakable(cfg)
     tree = json.loads(cfg.model_dump_json())
     tree["num_epochs"] = 1_000_000  # the soak ends the run with its finish key
-    tree["save_every"] = 1
     tree["cluster"]["redis_url"] = redis_url
     tree["cluster"]["ray_address"] = None
     tree["reward"]["timeout_s"] = reward_timeout_s
