@@ -118,11 +118,15 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def write_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
+def _write_pipeline(pipeline, out_dir: str | Path, what: str) -> Path:
     out = Path(out_dir)
-    build_tiny_sd_pipeline(seed).save_pretrained(out, safe_serialization=True)
-    logger.info("wrote tiny Stable Diffusion pipeline to %s", out)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    logger.info("wrote tiny %s pipeline to %s", what, out)
     return out
+
+
+def write_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
+    return _write_pipeline(build_tiny_sd_pipeline(seed), out_dir, "Stable Diffusion")
 
 
 TINY_TIME_EMBED_DIM = (
@@ -201,14 +205,8 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
 
 
 def write_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
-    out = Path(out_dir)
-    build_tiny_sdxl_pipeline(seed).save_pretrained(out, safe_serialization=True)
-    logger.info("wrote tiny SDXL pipeline to %s", out)
-    return out
+    return _write_pipeline(build_tiny_sdxl_pipeline(seed), out_dir, "SDXL")
 
 
 def write_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
-    out = Path(out_dir)
-    build_tiny_sd3_pipeline(seed).save_pretrained(out, safe_serialization=True)
-    logger.info("wrote tiny SD3 pipeline to %s", out)
-    return out
+    return _write_pipeline(build_tiny_sd3_pipeline(seed), out_dir, "SD3")

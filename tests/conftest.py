@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
+import redis  # noqa: E402
 import torch  # noqa: E402
+
+from services.keys import RunKeys  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -65,6 +69,28 @@ def local_ray() -> Iterator[Path]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture()
+def r() -> Iterator[redis.Redis]:
+    """A client of the machine's Redis at 127.0.0.1:6379 (the test is skipped where none answers)."""
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def run_id(r: redis.Redis) -> Iterator[str]:
+    """A fresh run id; every Redis key of that run is deleted after the test (the machine's Redis is shared)."""
+    rid = f"test-{uuid.uuid4().hex}"
+    yield rid
+    keys = list(r.scan_iter(match=RunKeys(rid).pattern, count=1000))
+    if keys:
+        r.delete(*keys)
 
 
 @pytest.fixture

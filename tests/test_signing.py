@@ -9,8 +9,6 @@ import json
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,26 +24,6 @@ from services.streams import MAC_FIELD, PAYLOAD_FIELD, TrajectoryStream, WeightC
 from services.trajectory import ScoredTrajectory, encode_tensors, encode_trajectory
 
 SECRET = new_run_secret()
-
-
-@pytest.fixture()
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield client
-    client.close()
-
-
-@pytest.fixture()
-def run_id(r: redis.Redis) -> Iterator[str]:
-    rid = f"test-{uuid.uuid4().hex}"
-    yield rid
-    keys = list(r.scan_iter(match=RunKeys(rid).pattern, count=1000))
-    if keys:
-        r.delete(*keys)
 
 
 def lora_state(seed: int) -> dict[str, torch.Tensor]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -22,26 +21,6 @@ from services.streams import (
     redis_client,
 )
 from services.trajectory import ScoredTrajectory
-
-
-@pytest.fixture()
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield client
-    client.close()
-
-
-@pytest.fixture()
-def run_id(r: redis.Redis) -> Iterator[str]:
-    rid = f"test-{uuid.uuid4().hex}"
-    yield rid
-    keys = list(r.scan_iter(match=f"ddpo:{rid}:*", count=1000))
-    if keys:
-        r.delete(*keys)
 
 
 def traj(i: int, t_steps: int = 3) -> ScoredTrajectory:
