@@ -189,6 +189,9 @@ class Soak:
     t0: float = field(default_factory=time.monotonic)
     records: list[FaultRecord] = field(default_factory=list)
     row_times: list[float] = field(default_factory=list)  # when each new epoch row was first seen
+    ended: threading.Event = field(
+        default_factory=threading.Event
+    )  # the run is over: stop waiting for recovery
     _rows: int = 0
 
     # ---- what the run did so far --------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ class Soak:
             return record
         logger.info("chaos: %s %s at %.0fs", kind, record.target, record.at_s)
         deadline = started + RECOVERY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.ended.is_set():
             with contextlib.suppress(Exception):  # a component still coming back
                 if self.rows() > rows_before and back():
                     record.recovered = True
@@ -293,14 +296,14 @@ def fault_schedule(kinds: tuple[str, ...], rng: random.Random) -> Iterator[str]:
 class FaultThread(threading.Thread):
     """Waits for the run's first epoch row, then injects faults for `seconds` (and at least one of each kind);
     then sets the finish
-    key and keeps watching the epoch rows (for the longest stall) until `done` is set."""
+    key and keeps watching the epoch rows (for the longest stall) until the run has ended (`soak.ended`)."""
 
     def __init__(
         self, soak: Soak, kinds: tuple[str, ...], seconds: float, pause_s: tuple[float, float]
     ) -> None:
         super().__init__(daemon=True, name="chaos")
         self.soak, self.kinds, self.seconds, self.pause_s = soak, kinds, seconds, pause_s
-        self.done = threading.Event()
+        self.done = soak.ended
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -316,13 +319,25 @@ class FaultThread(threading.Thread):
                 if (over and len(soak.records) >= len(self.kinds)) or self.done.wait(pause):
                     break
                 soak.inject(next(schedule))
-            keys = soak.run_keys()
-            if keys is not None:
-                soak.redis.client().set(keys.finish, 1)
-            while not self.done.wait(0.25):
-                soak.rows()
         except BaseException as err:  # reported in the summary
             self.error = err
+        finally:  # whatever happened, the run must end: ask the learner to finish, then watch the rows
+            self.finish_run()
+            while not self.done.wait(0.25):
+                with contextlib.suppress(OSError, ValueError):
+                    soak.rows()
+
+    def finish_run(self) -> None:
+        """Set the run's finish key, retrying while Redis is unreachable, until it is set or the run has ended."""
+        while not self.done.is_set():
+            keys = self.soak.run_keys()
+            try:
+                if keys is not None:
+                    self.soak.redis.client().set(keys.finish, 1)
+                    return
+            except redis.RedisError:
+                pass
+            self.done.wait(1.0)
 
 
 # ---- the audit ----------------------------------------------------------------------------------------------------
