@@ -76,6 +76,12 @@ def test_audit_names_each_broken_book(tmp_path, edit, named):
     assert any(named in f for f in failures), failures
 
 
+def test_audit_restores_the_learner_from_the_newest_checkpoint(tmp_path, tiny_train_config):
+    write_books(tmp_path)  # its checkpoint holds no learner state
+    failures = audit_run(tmp_path, tiny_train_config())["failures"]
+    assert failures == ["the newest checkpoint epoch_0002 does not restore a learner: 'learner'"], failures
+
+
 def test_fault_schedule_is_seeded_and_covers_every_kind_each_round():
     a, b = fault_schedule(FAULTS, random.Random(7)), fault_schedule(FAULTS, random.Random(7))
     first = [next(a) for _ in range(3 * len(FAULTS))]

@@ -390,13 +390,17 @@ def audit_run(run_dir: Path, cfg: TrainConfig | None = None) -> dict:
     if not checkpoints:
         failures.append("no checkpoint")
     elif cfg is not None and metrics:
-        learner = Learner(cfg)
-        learner.load_state_dict(load_checkpoint(checkpoints[-1])["learner"])
-        if learner.policy_version != len(metrics):
-            failures.append(
-                f"the newest checkpoint {checkpoints[-1].name} restores policy version {learner.policy_version}, "
-                f"not {len(metrics)}"
-            )
+        try:
+            learner = Learner(cfg)
+            learner.load_state_dict(load_checkpoint(checkpoints[-1])["learner"])
+        except Exception as err:
+            failures.append(f"the newest checkpoint {checkpoints[-1].name} does not restore a learner: {err}")
+        else:
+            if learner.policy_version != len(metrics):
+                failures.append(
+                    f"the newest checkpoint {checkpoints[-1].name} restores policy version "
+                    f"{learner.policy_version}, not {len(metrics)}"
+                )
     return {
         "epochs": len(metrics),
         "produced": len(produced),
