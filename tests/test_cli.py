@@ -55,3 +55,39 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     out = ddpo("train", "--run-dir", str(tmp_path / "r"), "--set", "sampling.eat=1")
     assert out.returncode == 2
     assert "sampling.eat: unknown key" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            ["train", "--config", "quickstart-alignment", "--set", "cluster.in_process=true"],
+            "cluster.in_process",
+        ),
+        (["train", "--set", "prompts.set=from_file"], "prompts.path: required"),
+        (
+            ["train", "--set", "prompts.set=from_file", "--set", "prompts.path=/nonexistent.txt"],
+            "/nonexistent.txt",
+        ),
+        (["train", "--set", "prompts.set=list", "--set", "prompts.items=[]"], "prompts.items"),
+        (["report", "{tmp}/no-such-run"], "no-such-run"),
+        (["sample", "--model", "{tiny_sd}", "--lora", "{tmp}/no-lora", "--prompt", "a cat"], "no-lora"),
+    ],
+)
+def test_bad_input_is_one_line_naming_it_exit_2_and_nothing_created(
+    args, named, tmp_path, tiny_sd_path, capsys
+):
+    """What a new user gets wrong is refused before anything starts: no run directory, no output, no traceback."""
+    from services.app.cli import main
+
+    args = [a.format(tmp=tmp_path, tiny_sd=tiny_sd_path) for a in args]
+    out = tmp_path / "out"
+    args += (
+        ["--out", str(out)] if args[0] == "sample" else ["--run-dir", str(out)] if args[0] == "train" else []
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith(f"ddpo {args[0]}: ") and named in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
