@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis
+import torch
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
-import torch
 
 from services.credentials import redis_url_with_password
 from services.keys import RunKeys
@@ -79,6 +79,21 @@ REDIS_RETRIES = 12
 all, so a Redis restart (it reloads its append-only file) or a dropped connection is ridden out, not fatal."""
 
 
+class _OutageRetry(Retry):
+    """Retries what an outage causes (connection errors, timeouts) and gives up at once on what waiting cannot mend:
+    a refused password or ACL permission, a server certificate that does not verify."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(err: Exception) -> bool:
+            if isinstance(err, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+                return False
+            if "certificate verify failed" in str(err):
+                return False
+            return is_retryable(err) if is_retryable is not None else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def redis_client(url: str) -> redis.Redis:
     """A binary-safe client (payloads are bytes) with health checks, for redis://, rediss:// (TLS) and unix:// URLs;
     a URL without a password takes DDPO_REDIS_PASSWORD's (`services.credentials`). Commands are retried through a
@@ -89,7 +104,7 @@ def redis_client(url: str) -> redis.Redis:
         decode_responses=False,
         socket_timeout=30,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), REDIS_RETRIES),
+        retry=_OutageRetry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), REDIS_RETRIES),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.retry
 import yaml
 
 from services.app.infra import free_port, redis_server
@@ -122,6 +123,8 @@ def test_a_redis_with_a_password_refuses_clients_without_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+    backoffs: list[float] = []  # the clients retry an outage, never a refused password
+    monkeypatch.setattr(redis.retry, "sleep", backoffs.append)
     socket = tmp_path / "redis.sock"
     binary = shutil.which("redis-server")
     assert binary, "redis-server is not installed"
@@ -136,6 +139,7 @@ def test_a_redis_with_a_password_refuses_clients_without_it(
         with pytest.raises(redis.AuthenticationError):
             redis_client(f"unix://{socket}").ping()
         assert proc.poll() is None
+    assert backoffs == []
 
 
 def test_the_embedded_redis_requires_a_random_password_on_an_owner_only_socket(tmp_path: Path) -> None:
