@@ -43,6 +43,8 @@ from pathlib import Path
 
 import httpx
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
@@ -85,6 +87,7 @@ class RedisProcess:
         self.conf = conf
         self.binary = shutil.which("redis-server") or _bundled_redis_server()
         self.proc: subprocess.Popen | None = None
+        self._client: redis.Redis | None = None
         self.start()
 
     @property
@@ -92,7 +95,17 @@ class RedisProcess:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
+        """The soak's own client: kept (it reconnects by itself after a restart), and it never retries (the soak
+        observes Redis; an unanswered ping is an answer)."""
+        if self._client is None:
+            self._client = redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                password=self.password,
+                socket_timeout=5,
+                retry=Retry(NoBackoff(), 0),
+            )
+        return self._client
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.proc = subprocess.Popen(
@@ -189,9 +202,8 @@ class Soak:
     t0: float = field(default_factory=time.monotonic)
     records: list[FaultRecord] = field(default_factory=list)
     row_times: list[float] = field(default_factory=list)  # when each new epoch row was first seen
-    ended: threading.Event = field(
-        default_factory=threading.Event
-    )  # the run is over: stop waiting for recovery
+    # set when the run is over: a fault still waiting for its recovery stops waiting
+    ended: threading.Event = field(default_factory=threading.Event)
     _rows: int = 0
 
     # ---- what the run did so far --------------------------------------------------------------------------------
