@@ -48,7 +48,7 @@ from redis.retry import Retry
 
 from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
-from services.app.driver import make_run_dir, prepare_models, run_distributed
+from services.app.driver import make_run_dir, prepare_models, read_ids, run_distributed
 from services.app.infra import SpawnedServer, free_port
 from services.config import ConfigError, TrainConfig, build_config, dump_config, load_config
 from services.keys import RunKeys
@@ -359,10 +359,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     )
 
 
-def _read_ids(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
 def audit_run(run_dir: Path, cfg: TrainConfig | None = None) -> dict:
     """The books of a finished distributed run: counts, and `failures` (empty when every check holds). With `cfg`,
     the newest checkpoint is also loaded into a `Learner`."""
@@ -379,8 +375,8 @@ def audit_run(run_dir: Path, cfg: TrainConfig | None = None) -> dict:
         failures.append("metrics.jsonl policy versions are not 1..N")
     used = [i for r in ledger for i in r["used"]]
     dropped = [i for r in ledger for i in r["dropped_stale"]]
-    produced = _read_ids(run_dir / "produced_ids.txt")
-    unused = _read_ids(run_dir / "unused_ids.txt")
+    produced = read_ids(run_dir / "produced_ids.txt")
+    unused = read_ids(run_dir / "unused_ids.txt")
     accounted = used + dropped + unused
     duplicated = len(accounted) - len(set(accounted))
     lost = len(set(produced) - set(accounted))

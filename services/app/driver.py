@@ -182,7 +182,7 @@ def _actor_options(num_cpus: float, num_gpus: float, max_restarts: int) -> dict:
     }
 
 
-def _read_ids(path: Path) -> list[str]:
+def read_ids(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
@@ -191,13 +191,13 @@ def _write_id_ledgers(stream, run_dir: Path, finished: bool) -> None:
     nor dropped by the end: sampled after the last update needed them). With ledger.jsonl's used and dropped ids
     they partition the produced set, which the fault tests check. Both files accumulate over --resume: a finished
     run's stream is deleted, so what it produced and left unused is kept from the files of the earlier call."""
-    produced = list(dict.fromkeys(_read_ids(run_dir / "produced_ids.txt") + stream.produced_ids()))
+    produced = list(dict.fromkeys(read_ids(run_dir / "produced_ids.txt") + stream.produced_ids()))
     ledger = run_dir / "ledger.jsonl"
     consumed = set()
     for line in ledger.read_text().splitlines() if ledger.exists() else []:
         row = json.loads(line)
         consumed.update(row["used"], row["dropped_stale"])
-    earlier_unused = _read_ids(run_dir / "unused_ids.txt")
+    earlier_unused = read_ids(run_dir / "unused_ids.txt")
     unused = [i for i in dict.fromkeys(earlier_unused + stream.remaining_ids()) if i not in consumed]
     (run_dir / "produced_ids.txt").write_text("".join(i + "\n" for i in produced))
     (run_dir / "unused_ids.txt").write_text("".join(i + "\n" for i in unused))
