@@ -4,7 +4,9 @@ Phases of `Learner.train_epoch` (read top to bottom):
   1. ADVANTAGES  rewards -> per-prompt normalised, clipped advantages (and, for RWR, per-sample weights)
   2. SHUFFLE     samples across the batch, and each sample's timesteps independently
   3. UPDATE      for every micro-batch and trained timestep: the objective's loss, backward (loss-scaled when a
-                 float16 forward is trained); one optimizer step per (gradient_accumulation_steps micro-batches)
+                 float16 forward is trained); one optimizer step per (gradient_accumulation_steps micro-batches).
+                 performance.timesteps_per_forward > 1 evaluates several trained timesteps of a micro-batch in one
+                 forward/backward: the weights do not change between them, so the gradient is the same sum.
   4. METRICS     loss, approx_kl, clipfrac and ratio (overall and per policy lag), gradient norm and scale
 
 The accumulation divisor is gradient_accumulation_steps x trained timesteps per sample: the gradient of one
@@ -358,25 +360,29 @@ class Learner:
                 prompts = [data.prompts[i] for i in idx.tolist()]
                 embeds = self.policy.encode_prompts(prompts).to(self.unet.dtype)  # [b, L, D] (+ pooled)
                 rows = idx.to(self.device)
-                for j in range(num_train_t):
+                for js in self._timestep_chunks(num_train_t):
+                    k = len(
+                        js
+                    )  # trained timesteps in this forward (1 unless performance.timesteps_per_forward)
                     with autocast(cfg.performance, self.device):
                         if isinstance(self.objective, PolicyGradient):
-                            step = step_perm[idx, j].to(
-                                self.device
-                            )  # [b] index of the trained step per sample
+                            # [k*b] index of the trained step of each (timestep, sample) pair, timestep-major
+                            step = step_perm[idx][:, js].T.reshape(-1).to(self.device)
+                            tiled = torch.arange(len(idx), device=self.device).repeat(k)
                             loss, stats, kl = self.policy_gradient_loss(
-                                data, rows, step, embeds, advantages[rows]
+                                data, rows[tiled], step, embeds[tiled], advantages[rows][tiled]
                             )
-                            policy_stats.add(stats, data.lags[idx])
-                            if kl is not None:
-                                kls.append(float(kl.detach().mean()))
+                            policy_stats.add(stats, data.lags[idx].repeat(k))
+                            if kl is not None:  # k entries: each trained timestep weighs the same in the mean
+                                kls.extend([float(kl.detach().mean())] * k)
                         else:
-                            noise_gen = self._regression_generator(inner, mb, j)
+                            noise_gen = self._regression_generator(inner, mb, js[0])
                             loss = self._regression_loss(data, rows, embeds, weights[rows], noise_gen)
                     if loss is not None:
-                        self.optim.backward(loss / divisor)
-                        losses.append(loss.item())
-                    bar.update(1)
+                        # the loss is a mean over its k*b pairs: x k makes it the sum of k one-timestep losses
+                        self.optim.backward(loss * (k / divisor))
+                        losses.extend([loss.item()] * k)
+                    bar.update(k)
                 local_micro_batches += 1
                 if local_micro_batches % local_accum == 0:
                     result = self.optim.step()
@@ -405,6 +411,15 @@ class Learner:
             metrics["loss"] = _mean_over_ranks(losses)
         self._warn_if_nothing_learned(metrics)
         return metrics
+
+    def _timestep_chunks(self, num_train_t: int) -> list[list[int]]:
+        """The trained timesteps' positions 0..num_train_t-1 in groups evaluated by one forward/backward each:
+        performance.timesteps_per_forward at a time (0: all) for the policy-gradient objectives, one at a time for
+        RWR (each of its evaluations draws its own noise level)."""
+        per = self.cfg.performance.timesteps_per_forward or num_train_t
+        if not isinstance(self.objective, PolicyGradient):
+            per = 1
+        return [list(range(j, min(j + per, num_train_t))) for j in range(0, num_train_t, per)]
 
     def policy_gradient_loss(
         self,

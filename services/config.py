@@ -330,6 +330,11 @@ class PerformanceConfig(_Section):
     """Use the fused AdamW kernel."""
     allow_tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (ignored on CPU)."""
+    timesteps_per_forward: int = Field(1, ge=0)
+    """Trained timesteps of a micro-batch that the learner evaluates in one denoiser forward/backward (0: all of
+    them; DDPO-IS/SF only, RWR takes one at a time). The weights do not change between a micro-batch's timesteps,
+    so the gradient is the same (tested); activation memory grows with it, per-call overhead shrinks. The CPU
+    quickstarts set 0: their tiny models' time is per-call overhead."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the learner's backward instead of storing them (diffusers'
     enable_gradient_checkpointing): less memory for SDXL/SD3 LoRA training, about one more forward of time. The

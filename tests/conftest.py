@@ -105,6 +105,8 @@ def tiny_train_config(tiny_sd_path):
             "sampling": {"num_steps": 8, "batch_size": 4, "num_batches_per_epoch": 1},
             "training": {"batch_size": 2, "gradient_accumulation_steps": 1},
             "stat_tracking": {"enabled": False},
+            # a micro-batch's trained timesteps in one forward: the same gradient (test_fast_paths), ~1.7x faster
+            "performance": {"timesteps_per_forward": 0},
             "prompts": {"set": "list", "items": ["a cat", "a dog"]},
         }
         for key, value in sections.items():
