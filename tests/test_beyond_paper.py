@@ -271,7 +271,9 @@ def test_guard_stops_the_run_with_a_checkpoint_and_says_why(tmp_path, tiny_sd_pa
     from services.app.driver import run_local
 
     tree = _quickstart_tree(tiny_sd_path)
-    tree["training"] = {**tree["training"], "ema_decay": 0.5}
+    # half the quickstart's epoch (16 samples, one optimizer step of 8 x 2): it still trips within a few epochs
+    tree["sampling"] = {**tree["sampling"], "num_batches_per_epoch": 1}
+    tree["training"] = {**tree["training"], "ema_decay": 0.5, "gradient_accumulation_steps": 2}
     cfg = build_config({
         **tree, "num_epochs": 8, "save_every": 100,
         "evaluation": {"every": 1, "prompts": ["a horse"], "num_per_prompt": 2,

@@ -108,6 +108,7 @@ def test_chaos_refuses_bad_input_by_name_before_anything_starts(tmp_path, capsys
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # about 3 minutes: two minutes of faults, then the run's end and the audit
 @pytest.mark.timeout(1200)
 @pytest.mark.usefixtures("local_ray")  # the session's Ray (conftest.py): the soak's run joins it
 def test_two_minute_soak_loses_nothing_and_recovers_from_every_fault(tiny_models, tmp_path):

@@ -225,14 +225,18 @@ def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
 
 
 @pytest.mark.timeout(600)
-def test_lag_zero_is_synchronous_and_on_policy(tiny_sd_path, tmp_path, redis_keys_cleanup):
+def test_lag_zero_with_two_actors_and_two_learner_ranks_is_synchronous_and_on_policy(
+    tiny_sd_path, tmp_path, redis_keys_cleanup
+):
     """max_policy_lag 0: every update trains on samples of the current version only; the first inner step's
-    importance ratio is 1 (within 1e-4), and the quota makes production exact (nothing stale, nothing unused)."""
+    importance ratio is 1 (within 1e-4), and the quota makes production exact (nothing stale, nothing unused).
+    With two sampling actors and cluster.num_learners 2 (a gloo group of Ray actors; rank 0 streams, publishes
+    and checkpoints)."""
     cfg = dist_config(
         tiny_sd_path,
         num_epochs=3,
         training={"gradient_accumulation_steps": 2},  # one optimizer step per epoch
-        cluster={"max_policy_lag": 0, "num_sampler_actors": 2},
+        cluster={"max_policy_lag": 0, "num_sampler_actors": 2, "num_learners": 2},
     )
     run_dir = make_run_dir(cfg, str(tmp_path / "run"))
     redis_keys_cleanup.append(run_dir)
@@ -242,8 +246,10 @@ def test_lag_zero_is_synchronous_and_on_policy(tiny_sd_path, tmp_path, redis_key
         assert row["policy_lag_max"] == 0 and row["dropped_stale"] == 0
         assert abs(row["ratio_first_step"] - 1.0) < 1e-4
         assert row["clipfrac"] == 0.0  # one optimizer step: every trained step saw the sampling weights
+        assert row["learner_ranks"] == 2
     assert len(ids["used"]) == cfg.samples_per_epoch * cfg.num_epochs
     assert len(ids["dropped"]) == 0
+    assert (run_dir / "checkpoints" / "epoch_0002").exists()
 
 
 @pytest.mark.timeout(600)
@@ -266,17 +272,3 @@ def test_resume_continues_the_run(tiny_sd_path, tmp_path, redis_keys_cleanup):
     # a finished run leaves none of its keys in the (shared) Redis
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"ddpo:{run_id}:*"))
-
-
-@pytest.mark.timeout(600)
-def test_two_learner_ranks_train_together(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    """cluster.num_learners 2: a gloo group of Ray actors; rank 0 streams, publishes and checkpoints."""
-    cfg = dist_config(
-        tiny_sd_path, num_epochs=3, training={"gradient_accumulation_steps": 2}, cluster={"num_learners": 2}
-    )
-    run_dir = make_run_dir(cfg, str(tmp_path / "run"))
-    redis_keys_cleanup.append(run_dir)
-    rows = run_distributed(cfg, run_dir, progress=False)
-    check_ledger(run_dir, cfg.num_epochs)
-    assert all(r["learner_ranks"] == 2 for r in rows)
-    assert (run_dir / "checkpoints" / "epoch_0002").exists()
