@@ -31,20 +31,22 @@ def config(tiny_sd_path: str, objective: str):
     })  # fmt: skip
 
 
-def _rank_main(rank: int, world: int, port: int, cfg_json: str, batch_dir: str, out_dir: str) -> None:
+def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str, str]]) -> None:
+    """One rank: for each (config JSON, batch dir, out dir), one epoch on the batch; rank 0 saves the weights."""
     from services.config import TrainConfig
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = TrainConfig.model_validate_json(cfg_json)
-        batch = [decode_trajectory(p.read_bytes()) for p in sorted(Path(batch_dir).iterdir())]
-        learner = Learner(cfg)
-        assert (learner.rank, learner.world_size) == (rank, world)
-        learner.train_epoch(batch)
-        if rank == 0:
-            torch.save(learner.policy_weights(), os.path.join(out_dir, "lora.pt"))
+        for cfg_json, batch_dir, out_dir in jobs:
+            cfg = TrainConfig.model_validate_json(cfg_json)
+            batch = [decode_trajectory(p.read_bytes()) for p in sorted(Path(batch_dir).iterdir())]
+            learner = Learner(cfg)
+            assert (learner.rank, learner.world_size) == (rank, world)
+            learner.train_epoch(batch)
+            if rank == 0:
+                torch.save(learner.policy_weights(), os.path.join(out_dir, "lora.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -59,6 +61,7 @@ def test_two_gloo_ranks_match_one_rank(tiny_sd_path, tmp_path):
 
 
 def _compare_one_and_two_ranks(tiny_sd_path, tmp_path):
+    jobs, expected = [], {}
     for objective in ("ddpo_is", "rwr"):
         cfg = config(tiny_sd_path, objective)
         sampler = Sampler(cfg, pipeline=load_pipeline(cfg.model, cfg.lora, seed=cfg.seed))
@@ -71,13 +74,14 @@ def _compare_one_and_two_ranks(tiny_sd_path, tmp_path):
         single = Learner(cfg)
         local = [decode_trajectory((batch_dir / f"{i:03d}.st").read_bytes()) for i in range(len(batch))]
         single.train_epoch(local)
-        expected = single.policy_weights()
-        mp.spawn(
-            _rank_main, args=(2, free_port(), cfg.model_dump_json(), str(batch_dir), str(out_dir)), nprocs=2
-        )
-        got = torch.load(out_dir / "lora.pt", weights_only=True)
-        assert got.keys() == expected.keys()
-        moved = max(float(v.abs().max()) for k, v in expected.items() if "lora_B" in k)
+        expected[objective] = single.policy_weights()
+        jobs.append((cfg.model_dump_json(), str(batch_dir), str(out_dir)))
+    mp.spawn(_rank_main, args=(2, free_port(), jobs), nprocs=2)  # one process group for both objectives
+    for objective, (_, _, out_dir) in zip(expected, jobs, strict=True):
+        got = torch.load(Path(out_dir) / "lora.pt", weights_only=True)
+        want = expected[objective]
+        assert got.keys() == want.keys()
+        moved = max(float(v.abs().max()) for k, v in want.items() if "lora_B" in k)
         assert moved > 1e-4, "the update did not move the LoRA: the comparison would be vacuous"
-        for k in expected:
-            torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-5, msg=f"{objective}: {k}")
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=f"{objective}: {k}")

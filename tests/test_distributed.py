@@ -236,7 +236,9 @@ def test_lag_zero_with_two_actors_and_two_learner_ranks_is_synchronous_and_on_po
         tiny_sd_path,
         num_epochs=3,
         training={"gradient_accumulation_steps": 2},  # one optimizer step per epoch
-        cluster={"max_policy_lag": 0, "num_sampler_actors": 2, "num_learners": 2},
+        # no actor fails here: the starvation re-opening (10 s in dist_config) would let a loaded machine's slow
+        # actor start-up claim an extra batch that later arrives stale
+        cluster={"max_policy_lag": 0, "num_sampler_actors": 2, "num_learners": 2, "lag0_starvation_s": 600},
     )
     run_dir = make_run_dir(cfg, str(tmp_path / "run"))
     redis_keys_cleanup.append(run_dir)
