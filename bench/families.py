@@ -120,7 +120,15 @@ def parameter_counts(preset: str) -> dict[str, int]:
         parts = _parts(preset)
         if preset == "sd3":
             parts["text_encoder_3 (not built)"] = T5EncoderModel(T5Config(**T5_XXL))
-    return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    return {name: _count(part) for name, part in parts.items()}
+
+
+def _count(model: torch.nn.Module) -> int:
+    """Parameters, a tied copy counted once (as published counts do): T5's encoder.embed_tokens is its `shared`
+    embedding, whether or not this process's transformers state tied the two on the meta device (a test session's
+    earlier models left it untied once: 4,894 M instead of 4,762 M)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    return sum(p.numel() for n, p in model.named_parameters() if n not in tied)
 
 
 def build_family_pipeline(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
