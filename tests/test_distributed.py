@@ -7,8 +7,6 @@ the end partition the set of ids that entered the stream, and no id is used twic
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +18,7 @@ import redis
 from reward_server_utils import metric_value
 
 from services.app.driver import make_run_dir, run_distributed
-from services.app.infra import free_port
+from services.app.infra import SpawnedServer
 from services.config import build_config
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -151,48 +149,13 @@ def actor_log_lines(ray_dir: Path, *needles: str) -> list[str]:
     return lines
 
 
-class JpegServer:
-    """A real jpeg reward server subprocess on a fixed loopback port, which the test can stop and start again."""
-
-    def __init__(self, port: int) -> None:
-        self.port, self.proc = port, None
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "reward_servers.serve",
-            "jpeg",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("jpeg server did not become ready")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-
-
 @pytest.mark.timeout(600)
 def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
     tiny_sd_path, tmp_path, redis_keys_cleanup, local_ray
 ):
     """The jpeg server goes away mid-run and comes back once the sampling actor has seen a batch fail to score (its
     own warning, in its log): the actor retries that batch, the run finishes, nothing is lost."""
-    server = JpegServer(free_port())
-    server.start()
+    server = SpawnedServer("jpeg", None, [], log_dir=tmp_path).wait_ready()
     cfg = dist_config(
         tiny_sd_path,
         reward={
@@ -204,11 +167,12 @@ def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
     port = f"127.0.0.1:{server.port}/"
 
     def outage() -> None:
-        server.stop()
+        server.kill()
         wait_until(
             lambda: actor_log_lines(local_ray, "scoring failed", port), "the sampling actor to see the outage"
         )
-        server.start()
+        server.start()  # the same port
+        server.wait_ready()
 
     try:
         run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=outage)
