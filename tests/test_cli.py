@@ -17,6 +17,9 @@ def ddpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_tiny_models_writes_a_loadable_pipeline(tmp_path):
     out = ddpo("tiny-models", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
+    # what it prints is a line per model written: no notices about components the tiny SD3 lacks by design, or
+    # about the PIL image processors this project means to use
+    assert "cannot be saved" not in out.stderr and "requires torchvision" not in out.stderr, out.stderr
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
