@@ -361,9 +361,8 @@ class Learner:
                 embeds = self.policy.encode_prompts(prompts).to(self.unet.dtype)  # [b, L, D] (+ pooled)
                 rows = idx.to(self.device)
                 for js in self._timestep_chunks(num_train_t):
-                    k = len(
-                        js
-                    )  # trained timesteps in this forward (1 unless performance.timesteps_per_forward)
+                    # trained timesteps in this forward (1 unless performance.timesteps_per_forward)
+                    k = len(js)
                     with autocast(cfg.performance, self.device):
                         if isinstance(self.objective, PolicyGradient):
                             # [k*b] index of the trained step of each (timestep, sample) pair, timestep-major

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import redis
 import torch
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from services.credentials import redis_url_with_password
@@ -92,6 +92,12 @@ class _OutageRetry(Retry):
             return is_retryable(err) if is_retryable is not None else True
 
         return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def no_retry() -> Retry:
+    """For clients that must not retry at all (redis-py retries by default, with backoff): one that observes Redis,
+    where an unanswered command is the answer, or one whose command closes the connection (SHUTDOWN)."""
+    return Retry(NoBackoff(), 0)
 
 
 def redis_client(url: str) -> redis.Redis:

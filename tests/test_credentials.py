@@ -19,12 +19,11 @@ import pytest
 import redis
 import redis.retry
 import yaml
-from redis.backoff import NoBackoff
 
 from services.app.infra import free_port, redis_server
 from services.config import build_config, dump_config, load_config
 from services.credentials import REDIS_PASSWORD_ENV, redact_url, redact_urls, redis_url_with_password
-from services.streams import redis_client
+from services.streams import no_retry, redis_client
 
 PASSWORD = "s3cret-Pass_word"
 
@@ -153,7 +152,7 @@ def test_the_embedded_redis_requires_a_random_password_on_an_owner_only_socket(t
             assert stat.S_IMODE(os.stat(parsed["path"]).st_mode) == 0o700
             with pytest.raises(redis.AuthenticationError):
                 # a client without the password (and without redis-py's default retries, 4 s of backoff)
-                redis.Redis(unix_socket_path=parsed["path"], retry=redis.retry.Retry(NoBackoff(), 0)).ping()
+                redis.Redis(unix_socket_path=parsed["path"], retry=no_retry()).ping()
             client = redis_client(url)
             assert client.ping() and client.config_get("port") == {"port": "0"}  # no TCP listener
     assert urls[0] != urls[1]  # a new password for every run

@@ -22,7 +22,7 @@ def trajectory(cfg, **performance):
     [
         {"channels_last": True},
         # inductor compiles the UNet on the CPU: about a minute on 2 cores
-        pytest.param({"compile_unet": True, "channels_last": True}, marks=pytest.mark.slow, id="compile"),
+        pytest.param({"compile_unet": True, "channels_last": True}, marks=pytest.mark.slow),
     ],
     ids=["channels_last", "compile"],
 )

@@ -43,8 +43,6 @@ from pathlib import Path
 
 import httpx
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
@@ -52,6 +50,7 @@ from services.app.driver import make_run_dir, prepare_models, read_ids, run_dist
 from services.app.infra import SpawnedServer, free_port
 from services.config import ConfigError, TrainConfig, build_config, dump_config, load_config
 from services.keys import RunKeys
+from services.streams import no_retry
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class RedisProcess:
                 port=self.port,
                 password=self.password,
                 socket_timeout=5,
-                retry=Retry(NoBackoff(), 0),
+                retry=no_retry(),
             )
         return self._client
 

@@ -81,8 +81,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> None:
+    """The commands after `services.app.cli.main` has set up logging and sent `ddpo serve` elsewhere."""
     if argv and argv[0] == "bench":
         # Benchmarks own their flags: ddpo bench {sampler,learner,data-plane,weights,e2e,latency-hiding,...}
         bench_main(argv[1:])

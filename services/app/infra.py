@@ -20,11 +20,9 @@ from pathlib import Path
 import httpx
 import psutil
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from services.config import TrainConfig
-from services.streams import redis_client
+from services.streams import no_retry, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ def _shutdown_embedded(server, password: str, timeout_s: float = 30.0) -> None:
     client that never retries: the server closing the connection is the answer, and redis-py's default retries of
     that closed connection, with backoff, made every run's end about 3-5 s longer."""
     pid = server.pid
-    client = redis.Redis(unix_socket_path=server.socket_file, password=password, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(unix_socket_path=server.socket_file, password=password, retry=no_retry())
     try:
         client.execute_command("SHUTDOWN")
     except redis.ConnectionError:
