@@ -1,4 +1,4 @@
-"""Helpers for the reward-server tests: real server processes on loopback, test images, metrics, fuzzing."""
+"""Helpers for the reward-server tests: real server processes on loopback, test images, metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import io
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -93,53 +92,3 @@ def batches_larger_than_one(metrics_text: str) -> float:
     """Model batches with more than one item, from the batch-size histogram."""
     total = metric_value(metrics_text, "ddpo_reward_batch_size_count")
     return total - metric_value(metrics_text, "ddpo_reward_batch_size_bucket", le="1.0")
-
-
-def fuzz_openapi(base_url: str, headers: dict[str, str] | None = None, max_examples: int = 30) -> list[str]:
-    """Schemathesis over every operation of the server's /openapi.json, valid and invalid inputs.
-
-    Checks: no 5xx, every status and content type documented, every response body matching its schema. Returns the
-    operations fuzzed; raises on the first failing case.
-    """
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.checks import (
-        content_type_conformance,
-        not_a_server_error,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
-    checks: list[Any] = [
-        not_a_server_error,
-        status_code_conformance,
-        content_type_conformance,
-        response_schema_conformance,
-    ]
-    schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
-    fuzzed = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(
-                max_examples=max_examples,
-                deadline=None,
-                database=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            def run_case(case: Any) -> None:
-                response = case.call(base_url=base_url, headers=headers, timeout=30)
-                case.validate_response(response, checks=checks)
-
-            try:
-                run_case()
-            except Unsatisfiable:
-                if mode is schemathesis.GenerationMode.POSITIVE:
-                    raise
-                # an operation without parameters or body has no invalid input to generate
-        fuzzed.append(operation.label)
-    return fuzzed

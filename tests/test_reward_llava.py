@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from reward_server_utils import ServerProcess, fuzz_openapi, noise_image, png_b64, start_servers
+from reward_server_utils import ServerProcess, noise_image, png_b64, start_servers
 
 MAX_ITEMS = 4
 MAX_QUESTIONS = 3
@@ -101,9 +101,4 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(
     r = httpx.post(url + "/v1/answer", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert words in r.json()["detail"]
-    assert answer(url, IMAGES[:1], [["q"]]).status_code == 200
-
-
-def test_fuzzing_the_openapi_schema_finds_no_server_error(url: str) -> None:
-    assert "POST /v1/answer" in fuzz_openapi(url, max_examples=30)
     assert answer(url, IMAGES[:1], [["q"]]).status_code == 200

@@ -1,6 +1,7 @@
 """Only the learner can publish weights, only actors can produce trajectories: forgeries written straight into the
 real Redis at 127.0.0.1:6379 are refused (weights by a subscriber, trajectories by the learner's StreamSource), while
-genuine ones go through; and a short distributed run survives both, counting them in metrics.jsonl."""
+genuine ones go through; and a short distributed run survives both, counting them in metrics.jsonl (the same run,
+at lag 0 with two actors and two learner ranks, is the check that such a run is synchronous and on-policy)."""
 
 from __future__ import annotations
 
@@ -210,25 +211,45 @@ class Forger(threading.Thread):
 
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("local_ray")
-def test_a_distributed_run_refuses_forgeries_and_goes_on(
+def test_a_lag_zero_run_of_two_actors_and_two_learner_ranks_is_on_policy_and_refuses_forgeries(
     tiny_sd_path,
     tmp_path,
     redis_keys_cleanup,  # noqa: F811 (the fixture imported above)
     monkeypatch,
 ):
+    """One distributed run for two checks. max_policy_lag 0 with two sampling actors and cluster.num_learners 2 (a
+    gloo group of Ray actors; rank 0 streams, publishes and checkpoints): every update trains on samples of the
+    current version only, the first inner step's importance ratio is 1 (within 1e-4), and the quota makes production
+    exact (nothing stale, nothing unused). Forgeries written into its Redis after the first row: refused and counted,
+    the run goes on. Lag 0 also makes the forgeries land: the epochs after the first row sample only after they are
+    in, so the learner reads the forged entry before the run ends, and an actor waits for the next version (seeing
+    the forged one) while the learner trains."""
     monkeypatch.delenv(RUN_SECRET_ENV, raising=False)  # the driver generates the run's secret
-    # lag 0: the epochs after the first row sample only after the forgeries are in, so the learner reads the forged
-    # entry before the run ends, and an actor waits for the next version (seeing the forged one) while it trains
-    cfg = dist_config(tiny_sd_path, num_epochs=3, save_every=3, cluster={"max_policy_lag": 0})
+    cfg = dist_config(
+        tiny_sd_path,
+        num_epochs=3,
+        training={"gradient_accumulation_steps": 2},  # one optimizer step per epoch
+        # no actor fails here: the starvation re-opening (10 s in dist_config) would let a loaded machine's slow
+        # actor start-up claim an extra batch that later arrives stale
+        cluster={"max_policy_lag": 0, "num_sampler_actors": 2, "num_learners": 2, "lag0_starvation_s": 600},
+    )
     run_dir = make_run_dir(cfg, str(tmp_path / "run"))
     redis_keys_cleanup.append(run_dir)
     forger = Forger(run_dir)
     forger.start()
     rows = run_distributed(cfg, run_dir, progress=False)
     assert forger.done.wait(5) and forger.error is None, forger.error
-    ids = check_ledger(
-        run_dir, cfg.num_epochs
-    )  # the forged trajectory is not in produced, used, dropped or unused
+    ids = check_ledger(run_dir, cfg.num_epochs)
+    # synchronous and on-policy
+    for row in rows:
+        assert row["policy_lag_max"] == 0 and row["dropped_stale"] == 0
+        assert abs(row["ratio_first_step"] - 1.0) < 1e-4
+        assert row["clipfrac"] == 0.0  # one optimizer step: every trained step saw the sampling weights
+        assert row["learner_ranks"] == 2
+    assert len(ids["used"]) == cfg.samples_per_epoch * cfg.num_epochs
+    assert len(ids["dropped"]) == 0
+    assert (run_dir / "checkpoints" / "epoch_0002").exists()
+    # the forgeries: refused and counted; the forged trajectory is not in produced, used, dropped or unused
     assert "forged-trajectory" not in ids["produced"] + ids["used"] + ids["unused"]
     assert sum(row["forged_trajectories"] for row in rows) >= 1
     assert sum(row["forged_weights"] for row in rows) >= 1
