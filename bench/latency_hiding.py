@@ -2,8 +2,8 @@
 
     python -m bench.latency_hiding [--delay-s 1.0] [--batch 8] [--steps 20] [--batches 12] [--rounds 4]
 
-Two jpeg reward servers run as subprocesses on 127.0.0.1 (this module's `delayed_jpeg_app` under uvicorn: the jpeg
-API, `POST /v1/score {"images"} -> {"scores", "jpeg_kb"}` with `jpeg_kb = services.images.jpeg_kb`, plus
+Two jpeg reward servers run as subprocesses on 127.0.0.1 (`bench.delayed_jpeg.delayed_jpeg_app` under uvicorn: the
+jpeg API, `POST /v1/score {"images"} -> {"scores", "jpeg_kb"}` with `jpeg_kb = services.images.jpeg_kb`, plus
 `asyncio.sleep(delay)` per request), one with no delay and one with `--delay-s`. Two `SamplerWorker`s (tiny model,
 `reward.mode: http`, the real Redis) each score through one of them and stream into their own run's stream. In
 alternating rounds each runs `run(max_batches=...)` for `--batches` more batches.
@@ -26,10 +26,7 @@ steady state. Redis keys of both runs (`ddpo:{run_id}:*`) are deleted at the end
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import contextlib
-import io
 import json
 import math
 import os
@@ -44,63 +41,27 @@ from pathlib import Path
 
 import httpx
 import torch
-from fastapi import FastAPI
-from PIL import Image
-from pydantic import BaseModel
 
 from actors.sampler import Sampler, SamplerWorker
+from bench.delayed_jpeg import DELAY_ENV
 from bench.sd15 import machine
 from services.app.infra import free_port
 from services.config import build_config
 from services.credentials import redact_url
-from services.images import jpeg_kb
 from services.keys import RunKeys
 from services.models import quiet_model_loading
 from services.streams import redis_client
 from services.tiny_models import write_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
-DELAY_ENV = "DDPO_BENCH_REWARD_DELAY_S"
 SCORING_OVERHEAD_S = 0.25  # encoding + HTTP + scoring of a tiny batch, on top of the added delay
-_delay = asyncio.sleep  # the added latency of the delayed server (tests record it instead of waiting)
-
-
-# ---- the delayed jpeg reward server ----------------------------------------------------------------------------
-class ScoreRequest(BaseModel):
-    images: list[str]
-    """base64 PNG/JPEG/WebP images."""
-
-
-def delayed_jpeg_app(delay_s: float) -> FastAPI:
-    """The jpeg reward API with `delay_s` of added latency per request (the event loop stays free meanwhile)."""
-    app = FastAPI(title=f"bench jpeg reward (+{delay_s} s per request)")
-
-    def decode_and_score(images_b64: list[str]) -> list[float]:
-        return [jpeg_kb(Image.open(io.BytesIO(base64.b64decode(b)))) for b in images_b64]
-
-    @app.get("/readyz")
-    async def readyz() -> dict:
-        return {"status": "ready"}
-
-    @app.post("/v1/score")
-    async def score(body: ScoreRequest) -> dict:
-        await _delay(delay_s)
-        kb = await asyncio.to_thread(decode_and_score, body.images)
-        return {"scores": [-k for k in kb], "jpeg_kb": kb}
-
-    return app
-
-
-def app_from_env() -> FastAPI:
-    """uvicorn --factory entry point: the delay comes from DDPO_BENCH_REWARD_DELAY_S."""
-    return delayed_jpeg_app(float(os.environ.get(DELAY_ENV, "0")))
 
 
 @contextlib.contextmanager
 def delayed_server(delay_s: float, timeout_s: float = 60.0) -> Iterator[str]:
-    """Run `delayed_jpeg_app(delay_s)` under uvicorn in a subprocess on a free loopback port; yield its URL."""
+    """Run `bench.delayed_jpeg.delayed_jpeg_app(delay_s)` under uvicorn in a subprocess on a free loopback port; yield its URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "bench.latency_hiding:app_from_env", "--factory"]
+    cmd = [sys.executable, "-m", "uvicorn", "bench.delayed_jpeg:app_from_env", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, DELAY_ENV: str(delay_s), "PYTHONPATH": root}
@@ -212,6 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-inflight", default="auto", help="cluster.max_inflight_batches, or auto (see above)")
     p.add_argument("--threads", type=int, default=1, help="cluster.torch_threads of the workers")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument(
+        "--model", help="a tiny SD pipeline directory (`ddpo tiny-models` DIR/sd); default: write one"
+    )
     return p.parse_args(argv)
 
 
@@ -229,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         delayed_server(0.0) as fast_url,
         delayed_server(args.delay_s) as slow_url,
     ):
-        model_dir = str(write_tiny_sd(Path(tmp) / "sd"))
+        model_dir = args.model or str(write_tiny_sd(Path(tmp) / "sd"))
         urls = {"no_delay": fast_url, "delayed": slow_url}
         batch_s = time_one_batch(make_config(args, model_dir, fast_url, 1))
         if args.max_inflight == "auto":

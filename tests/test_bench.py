@@ -81,7 +81,7 @@ def test_delayed_jpeg_app_scores_like_the_jpeg_reward_after_the_delay(
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from bench.latency_hiding import delayed_jpeg_app
+    from bench.delayed_jpeg import delayed_jpeg_app
     from services.images import encode_image, jpeg_kb
 
     delays: list[float] = []
@@ -89,7 +89,7 @@ def test_delayed_jpeg_app_scores_like_the_jpeg_reward_after_the_delay(
     async def record(delay_s: float) -> None:  # the delay is recorded, not waited out
         delays.append(delay_s)
 
-    monkeypatch.setattr("bench.latency_hiding._delay", record)
+    monkeypatch.setattr("bench.delayed_jpeg._delay", record)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     with TestClient(delayed_jpeg_app(0.2)) as client:
         assert client.get("/readyz").status_code == 200
@@ -142,10 +142,11 @@ def test_learner_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_latency_hiding_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+def test_latency_hiding_bench_smoke(capsys: pytest.CaptureFixture[str], tiny_sd_path: str) -> None:
     from bench import latency_hiding
 
     argv = ["--delay-s", "0.2", "--batch", "2", "--steps", "2", "--batches", "4", "--rounds", "1"]
+    argv += ["--model", tiny_sd_path]
     out = printed_json(capsys, latency_hiding.main([*argv, "--warmup", "1", "--max-inflight", "3"]))
     assert out["ratio"] > 0 and out["config"]["max_inflight_batches"] == 3
     # warm-up + measured batches, every one scored through its server and streamed
