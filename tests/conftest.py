@@ -1,5 +1,5 @@
 """Shared fixtures: offline hub, small thread count; written or started once per session: the tiny random-weight
-models, one local Ray, and the README quickstart's run directory."""
+models (once for all xdist workers), one local Ray per worker, and the README quickstart's run directory."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,19 +26,41 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from services.keys import RunKeys  # noqa: E402
 
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> Path:
-    """Every tiny random model, written once per session by the code of `ddpo tiny-models`: DIR/sd, DIR/llava,
-    DIR/aesthetic, DIR/pickscore, DIR/clipscore. Tests read them and never write there."""
-    from services.app.driver import write_tiny_models
+class TinyModels(NamedTuple):
+    path: Path  # DIR of `ddpo tiny-models --out DIR`
+    output: str  # what the command printed (stdout, then stderr)
 
-    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+@pytest.fixture(scope="session")
+def tiny_models_run(tmp_path_factory, worker_id: str) -> TinyModels:
+    """`ddpo tiny-models --out DIR` run once per test session as a user runs it (a subprocess), shared by the
+    xdist workers: the first to get here writes, under a file lock, the others wait and read. Its output is kept
+    for the CLI test."""
+    # the session's own temp dir: with xdist the workers' dirs share a parent that is new for each session
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out, log, done = root / "tiny-models", root / "tiny-models.log", root / "tiny-models.done"
+    with FileLock(str(root / "tiny-models.lock")):
+        if not done.exists():
+            proc = subprocess.run([sys.executable, "-m", "services.app.cli", "tiny-models", "--out", str(out)],
+                                  capture_output=True, text=True, timeout=600)  # fmt: skip
+            log.write_text(proc.stdout + proc.stderr)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            done.touch()
+    return TinyModels(out, log.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_models_run: TinyModels) -> Path:
+    """Every tiny random model, written once per test session by `ddpo tiny-models`: DIR/sd, DIR/sdxl, DIR/sd3,
+    DIR/llava, DIR/aesthetic, DIR/pickscore, DIR/clipscore. Tests read them and never write there."""
+    return tiny_models_run.path
 
 
 @pytest.fixture(scope="session")

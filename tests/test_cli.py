@@ -1,5 +1,5 @@
-"""The `ddpo` command as a user runs it: `ddpo tiny-models` as a subprocess, bad input through the entry point
-(`services.app.cli:main`, what the `ddpo` script calls)."""
+"""The `ddpo` command as a user runs it: `ddpo tiny-models` as a subprocess (the session's tiny models), bad input
+through the entry point (`services.app.cli:main`, what the `ddpo` script calls)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ import sys
 import pytest
 
 
-def ddpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.app.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)  # fmt: skip
-
-
-def test_tiny_models_writes_a_loadable_pipeline(tmp_path):
-    out = ddpo("tiny-models", "--out", str(tmp_path))
-    assert out.returncode == 0, out.stderr
+def test_tiny_models_writes_a_loadable_pipeline(tiny_models_run):
+    """The session's tiny models are `ddpo tiny-models` run as a subprocess (conftest.py): what it printed and wrote."""
     # what it prints is a line per model written: no notices about components the tiny SD3 lacks by design, or
     # about the PIL image processors this project means to use
-    assert "cannot be saved" not in out.stderr and "requires torchvision" not in out.stderr, out.stderr
+    out = tiny_models_run.output
+    assert "cannot be saved" not in out and "requires torchvision" not in out, out
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models_run.path / "sd")
     assert pipe.unet.config.sample_size == 8 and pipe.tokenizer.model_max_length == 77
 
 
