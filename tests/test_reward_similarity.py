@@ -1,6 +1,7 @@
-"""The PickScore and CLIPScore reward servers as real processes with the tiny CLIPs that `ddpo tiny-models` writes
-(OUT/pickscore, OUT/clipscore), checked against transformers' own CLIPModel forward; and the `pickscore` and
-`clipscore` rewards of the registry through the HTTP client."""
+"""The PickScore and CLIPScore reward servers on loopback (threads of the test process:
+reward_server_utils.ServerThread) with the tiny CLIPs that `ddpo tiny-models` writes (OUT/pickscore, OUT/clipscore),
+checked against transformers' own CLIPModel forward; and the `pickscore` and `clipscore` rewards of the registry
+through the HTTP client."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from reward_server_utils import ServerProcess, noise_image, png_b64, start_servers
+from reward_server_utils import ServerThread, noise_image, png_b64, start_servers
 
 from reward_servers.clip_similarity import (
     CLIPSCORE_MODEL,
@@ -47,14 +48,12 @@ IMAGES += [Image.new("RGB", (40, 40), "blue"), Image.new("RGB", (40, 56), "red")
 
 
 @pytest.fixture(scope="module")
-def urls(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def urls(tiny_models: Path) -> Iterator[dict[str, str]]:
     """Both servers on loopback with the session's tiny CLIPs, started together."""
-    log_dir = tmp_path_factory.mktemp("similarity-logs")
     servers = {
-        kind: ServerProcess(
+        kind: ServerThread(
             kind,
             *("--model", str(tiny_models / kind), "--max-items", "8", "--max-wait-ms", "20"),
-            log_dir=log_dir,
         )
         for kind in KINDS
     }
