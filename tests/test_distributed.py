@@ -143,8 +143,8 @@ def actor_log_lines(ray_dir: Path, *needles: str) -> list[str]:
 def test_resume_continues_the_run_through_a_reward_server_outage(
     tiny_sd_path, tmp_path, redis_keys_cleanup, local_ray
 ):
-    """Two calls on one run directory: 2 epochs, then resumed to 5. Rewards come from a jpeg server over HTTP, which
-    goes away after the resumed run's first row and comes back once the sampling actor has seen a batch fail to score
+    """Two calls on one run directory: 2 epochs, then resumed to 6. Rewards come from a jpeg server over HTTP, which
+    goes away after the resumed run's first row (three epochs still to sample) and comes back once the sampling actor has seen a batch fail to score
     (its own warning, in its log): the actor retries that batch, the run finishes, nothing is lost."""
     server = SpawnedServer("jpeg", None, [], log_dir=tmp_path).wait_ready()
     http = {
@@ -167,7 +167,7 @@ def test_resume_continues_the_run_through_a_reward_server_outage(
     redis_keys_cleanup.append(run_dir)
     try:
         first = run_distributed(cfg, run_dir, progress=False)
-        more = cfg.model_copy(update={"num_epochs": 5})
+        more = cfg.model_copy(update={"num_epochs": 6})
         chaos = Chaos(run_dir, after_rows=3, action=outage)
         chaos.start()
         rows = run_distributed(more, run_dir, progress=False)
@@ -183,14 +183,14 @@ def test_resume_continues_the_run_through_a_reward_server_outage(
     assert metric_value(scored, "ddpo_reward_requests_total", path="/v1/score", status="200") > 0
     # the resumed run continues the first: its rows, then the next epochs and policy versions
     assert rows[:2] == first
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
-    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # lag 1 with one actor: the quota lets it sample only what the learner uses in time, so nothing is stale
     assert all(r["dropped_stale"] == 0 and r["policy_lag_max"] <= 1 for r in rows)
     assert any("clipfrac_lag1" in r for r in rows) and all(0 <= r["actor_idle_frac"] <= 1 for r in rows[1:])
     # the accounting spans both calls: the first run's stream is gone, its produced and unused ids are kept
-    ids = check_ledger(run_dir, 5)
-    assert ids["used"] and len(ids["produced"]) >= 5 * cfg.samples_per_epoch
+    ids = check_ledger(run_dir, 6)
+    assert ids["used"] and len(ids["produced"]) >= 6 * cfg.samples_per_epoch
     # a finished run leaves none of its keys in the (shared) Redis
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"ddpo:{run_id}:*"))
