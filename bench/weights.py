@@ -21,6 +21,7 @@ import uuid
 import torch
 
 from bench.data_plane import machine
+from services.keys import RunKeys
 from services.streams import WeightChannel, WeightSubscriber, redis_client
 
 TARGET_P50_MS = 100.0
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if proc.is_alive():
             proc.terminate()
-        r.delete(channel.key, channel.version_key)
+        # every key of the run: the blob, the version and the publication counter (seq)
+        doomed = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
+        if doomed:
+            r.delete(*doomed)
 
     q = statistics.quantiles(latencies_ms, n=100, method="inclusive")
     p50 = statistics.median(latencies_ms)
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": "float32",
             "bytes": n_params * 4,
             "subscriber": "separate process, WeightSubscriber.wait + copy_ into parameters",
+            "run_id": run_id,
         },
         "machine": machine(r),
         "p50_ms": round(p50, 2),

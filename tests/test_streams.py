@@ -445,3 +445,6 @@ def test_weights_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     line = json.loads(capsys.readouterr().out.strip())
     assert line == result and line["config"]["params"] == 797_184
     assert 0 < line["p50_ms"] <= line["p99_ms"] <= line["max_ms"]
+    # nothing of the benchmark's run stays in the (shared) Redis: the weights' seq key was once left behind
+    run_id = line["config"]["run_id"]
+    assert not list(redis.Redis(host="127.0.0.1", port=6379).scan_iter(match=f"ddpo:{run_id}:*"))
