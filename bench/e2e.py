@@ -33,9 +33,8 @@ from bench.sd15 import DTYPES, PRESETS, build_sd15_pipeline, default_dtype, mach
 from services.app.driver import make_run_dir, run_distributed, run_local
 from services.config import build_config
 from services.credentials import redact_url
-from services.keys import RunKeys
 from services.models import quiet_model_loading
-from services.streams import redis_client
+from services.streams import delete_run_keys, redis_client
 from services.tiny_models import write_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
@@ -111,16 +110,13 @@ def figures(rows: list[dict], wall_s: float, units: int) -> dict:
     }
 
 
-def delete_run_keys(redis_url: str, run_dir: Path) -> None:
+def delete_run_dir_keys(redis_url: str, run_dir: Path) -> None:
     """The system Redis is shared: remove every key of this run."""
     meta = run_dir / "run.json"
     if redis_url == "embedded" or not meta.exists():
         return
     run_id = json.loads(meta.read_text())["run_id"]
-    r = redis_client(redis_url)
-    keys = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
-    if keys:
-        r.delete(*keys)
+    delete_run_keys(redis_client(redis_url), run_id)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             rows = run_distributed(cfg, run_dir, progress=False)
         finally:
-            delete_run_keys(args.redis_url, run_dir)
+            delete_run_dir_keys(args.redis_url, run_dir)
         ours = figures(rows, time.perf_counter() - t0, units)
         ours["run_id"] = json.loads((run_dir / "run.json").read_text())["run_id"]
         base = None

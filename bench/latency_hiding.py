@@ -39,18 +39,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import torch
 
 from actors.sampler import Sampler, SamplerWorker
 from bench.delayed_jpeg import DELAY_ENV
 from bench.sd15 import machine
-from services.app.infra import free_port
+from services.app.infra import free_port, wait_until_ready
 from services.config import build_config
 from services.credentials import redact_url
-from services.keys import RunKeys
 from services.models import quiet_model_loading
-from services.streams import redis_client
+from services.streams import delete_run_keys, redis_client
 from services.tiny_models import write_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a painting of a horse", "a bird on a branch"]
@@ -59,7 +57,8 @@ SCORING_OVERHEAD_S = 0.25  # encoding + HTTP + scoring of a tiny batch, on top o
 
 @contextlib.contextmanager
 def delayed_server(delay_s: float, timeout_s: float = 60.0) -> Iterator[str]:
-    """Run `bench.delayed_jpeg.delayed_jpeg_app(delay_s)` under uvicorn in a subprocess on a free loopback port; yield its URL."""
+    """Run `bench.delayed_jpeg.delayed_jpeg_app(delay_s)` under uvicorn in a subprocess on a free loopback port;
+    yield its URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", "bench.delayed_jpeg:app_from_env", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
@@ -68,16 +67,11 @@ def delayed_server(delay_s: float, timeout_s: float = 60.0) -> Iterator[str]:
     proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"delayed reward server exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"delayed reward server not ready after {timeout_s:.0f}s")
-            time.sleep(0.1)
+
+        def exited() -> str | None:
+            return None if proc.poll() is None else f"delayed reward server exited with {proc.returncode}"
+
+        wait_until_ready(url, timeout_s, exited)
         yield url
     finally:
         proc.terminate()
@@ -152,12 +146,6 @@ def timed_run(worker, clock: SampleClock, batches: int) -> tuple[float, float, f
     if worker.stats["batches"] != target:
         raise RuntimeError(f"worker sampled {worker.stats['batches']} batches, expected {target}")
     return clock.done[-1] - t0, worker.stats["sample_s"] - busy0, wall
-
-
-def delete_run_keys(r, run_id: str) -> None:
-    keys = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
-    if keys:
-        r.delete(*keys)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -21,8 +21,7 @@ import uuid
 import torch
 
 from bench.data_plane import machine
-from services.keys import RunKeys
-from services.streams import WeightChannel, WeightSubscriber, redis_client
+from services.streams import WeightChannel, WeightSubscriber, delete_run_keys, redis_client
 
 TARGET_P50_MS = 100.0
 CROSS_ATTENTION_DIM = 768  # CLIP ViT-L/14 text states
@@ -115,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if proc.is_alive():
             proc.terminate()
-        # every key of the run: the blob, the version and the publication counter (seq)
-        doomed = list(r.scan_iter(match=RunKeys(run_id).pattern, count=1000))
-        if doomed:
-            r.delete(*doomed)
+        delete_run_keys(r, run_id)  # the blob, the version and the publication counter (seq)
 
     q = statistics.quantiles(latencies_ms, n=100, method="inclusive")
     p50 = statistics.median(latencies_ms)

@@ -100,6 +100,12 @@ def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+def delete_run_keys(client: redis.Redis, run_id: str) -> int:
+    """Delete every key of a run (RunKeys(run_id).pattern): the machine's Redis may be shared. Returns how many."""
+    doomed = list(client.scan_iter(match=RunKeys(run_id).pattern, count=1000))
+    return client.delete(*doomed) if doomed else 0
+
+
 def redis_client(url: str) -> redis.Redis:
     """A binary-safe client (payloads are bytes) with health checks, for redis://, rediss:// (TLS) and unix:// URLs;
     a URL without a password takes DDPO_REDIS_PASSWORD's (`services.credentials`). Commands are retried through a

@@ -28,7 +28,7 @@ import redis  # noqa: E402
 import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
-from services.keys import RunKeys  # noqa: E402
+from services.streams import delete_run_keys  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -111,9 +111,7 @@ def run_id(r: redis.Redis) -> Iterator[str]:
     """A fresh run id; every Redis key of that run is deleted after the test (the machine's Redis is shared)."""
     rid = f"test-{uuid.uuid4().hex}"
     yield rid
-    keys = list(r.scan_iter(match=RunKeys(rid).pattern, count=1000))
-    if keys:
-        r.delete(*keys)
+    delete_run_keys(r, rid)
 
 
 @pytest.fixture

@@ -7,17 +7,15 @@ import base64
 import io
 import struct
 import threading
-import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.app.infra import SpawnedServer, free_port  # noqa: F401 (free_port: for the tests)
+from services.app.infra import SpawnedServer, free_port, wait_until_ready  # noqa: F401 (free_port: for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,25 +51,21 @@ class ServerThread:
             self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
         )
         self.server = uvicorn.Server(config)
-        self.app.state.on_load_failure = lambda: setattr(
-            self.server, "should_exit", True
-        )  # as `ddpo serve` exits
+        # a model that fails to load stops the server, as `ddpo serve` exits
+        self.app.state.on_load_failure = lambda: setattr(self.server, "should_exit", True)
         self.thread = threading.Thread(target=self.server.run, name=f"{kind}-server", daemon=True)
         self.thread.start()
 
     def wait_ready(self, timeout_s: float = 120.0) -> ServerThread:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.thread.is_alive():
-                raise RuntimeError(f"{self.url}: the server stopped: {self.app.state.load_error}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.url} not ready after {timeout_s:.0f} s")
-            time.sleep(0.1)
+        def stopped() -> str | None:
+            return (
+                None
+                if self.thread.is_alive()
+                else f"{self.url}: the server stopped: {self.app.state.load_error}"
+            )
+
+        wait_until_ready(self.url, timeout_s, stopped)
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True

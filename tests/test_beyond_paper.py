@@ -19,10 +19,9 @@ from learner.objectives import group_advantages
 from services.config import build_config
 from services.diffusion import encode_prompts, gaussian_kl, sample_trajectory, step_log_prob
 from services.images import jpeg_kb, tensor_to_pil
-from services.keys import RunKeys
 from services.models import load_pipeline, trainable_parameters
 from services.reward_client import Scorer
-from services.streams import TrajectoryStream
+from services.streams import TrajectoryStream, delete_run_keys
 from services.trajectory import ScoredTrajectory, decode_trajectory, encode_trajectory, split_scored
 
 
@@ -92,9 +91,7 @@ def test_an_epoch_never_holds_part_of_a_group(tiny_train_config):
         got = source.collect(4, version=0)  # b is completed in the next epoch
         assert sorted(t.trajectory_id for t in got.batch) == ["t2", "t5", "t6", "t7"]
     finally:
-        keys = list(client.scan_iter(match=RunKeys(run_id).pattern, count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_run_keys(client, run_id)
         client.close()
 
 

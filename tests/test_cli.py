@@ -10,7 +10,8 @@ import pytest
 
 
 def test_tiny_models_writes_a_loadable_pipeline(tiny_models_run):
-    """The session's tiny models are `ddpo tiny-models` run as a subprocess (conftest.py): what it printed and wrote."""
+    """The session's tiny models are `ddpo tiny-models` run as a subprocess (conftest.py): what it printed and
+    wrote."""
     # what it prints is a line per model written: no notices about components the tiny SD3 lacks by design, or
     # about the PIL image processors this project means to use
     out = tiny_models_run.output

@@ -21,6 +21,7 @@ from reward_server_utils import metric_value
 from services.app.driver import make_run_dir, run_distributed
 from services.app.infra import SpawnedServer
 from services.config import build_config
+from services.streams import delete_run_keys
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the session: each run joins it (conftest.py)
@@ -35,10 +36,7 @@ def redis_keys_cleanup():
     for run_dir in run_dirs:
         meta = run_dir / "run.json"
         if meta.exists():
-            run_id = json.loads(meta.read_text())["run_id"]
-            keys = list(r.scan_iter(match=f"ddpo:{run_id}:*", count=1000))
-            if keys:
-                r.delete(*keys)
+            delete_run_keys(r, json.loads(meta.read_text())["run_id"])
 
 
 def dist_config(tiny_sd_path: str, **sections):

@@ -32,7 +32,7 @@ from services.config import ConfigError, TrainConfig, dump_config, load_config
 from services.keys import RunKeys
 from services.models import load_pipeline, quiet_model_loading
 from services.signing import RunSigner, new_run_secret, run_secret_from_env
-from services.streams import TrajectoryStream, redis_client
+from services.streams import TrajectoryStream, delete_run_keys, redis_client
 from services.tiny_models import write_tiny_sd, write_tiny_sd3, write_tiny_sdxl
 
 logger = logging.getLogger(__name__)
@@ -300,9 +300,7 @@ def run_distributed(cfg: TrainConfig, run_dir: Path, progress: bool = True) -> l
             stream = TrajectoryStream(r, run_id, record_produced=True, signer=RunSigner(secret, run_id))
             _write_id_ledgers(stream, run_dir, finished=completed)
             if completed and not c.keep_redis_keys:  # nothing of a finished run stays in a shared Redis
-                doomed = list(r.scan_iter(match=keys.pattern, count=1000))
-                if doomed:
-                    r.delete(*doomed)
+                delete_run_keys(r, run_id)
     return read_metrics(metrics_path)
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -142,6 +142,22 @@ def resolve_model_ref(model: str) -> str:
         raise ValueError(f"reward server model {model!r}: package {name!r} ships no model ({err})") from None
 
 
+def wait_until_ready(url: str, timeout_s: float, failed: Callable[[], str | None]) -> None:
+    """Poll `url`/readyz until it answers 200. `failed()` says why the server can no longer get ready (its process
+    exited, its thread ended) or returns None; that reason is raised as a RuntimeError, and a TimeoutError when
+    `timeout_s` runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reason = failed()
+        if reason is not None:
+            raise RuntimeError(reason)
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
+
+
 class SpawnedServer:
     """One reward server as a subprocess on 127.0.0.1 (`python -m reward_servers.serve KIND ...`); `stop()` always
     ends it. Its output goes to `log_dir/reward-KIND.log` (appended: a resumed run keeps the earlier lines)."""
@@ -195,20 +211,19 @@ class SpawnedServer:
 
     def wait_ready(self, timeout_s: float = 300.0) -> SpawnedServer:
         """Poll /readyz until 200; raise with the end of the server's log if it exits or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"reward server {self.kind} exited with {self.proc.returncode} ({self.log_path}):\n"
-                    f"{self.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"reward server {self.kind} not ready after {timeout_s:.0f}s ({self.log_path}):\n{self.log_tail()}"
-        )
+
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"reward server {self.kind} exited with {self.proc.returncode} ({self.log_path}):\n{self.log_tail()}"
+
+        try:
+            wait_until_ready(self.url, timeout_s, exited)
+        except TimeoutError:
+            raise TimeoutError(
+                f"reward server {self.kind} not ready after {timeout_s:.0f}s ({self.log_path}):\n{self.log_tail()}"
+            ) from None
+        return self
 
     def stop(self) -> None:
         if self.proc.poll() is None:
